@@ -1,0 +1,464 @@
+"""Buckets, gradient hooks and communication scheduling: everything between ``backward()`` and the update math.
+
+The optimizer (:mod:`zeroadamw.sharded_adamw`) owns the hyperparameters and the update; this module owns the
+flat buffers and the collectives:
+
+* :class:`Bucket` -- a few parameters of one param group packed into one flat, padded buffer; its rank-local
+  optimizer state (``exp_avg``, ``exp_avg_sq``, the master copy) is one flat tensor per kind covering the owned
+  shard, and ``optimizer.state[p]`` holds views into it.
+* :class:`GradEngine` -- turns per-parameter gradients into reduced, sharded gradients:
+
+  - **stage 2** (``N > 1``): a post-accumulate-grad hook copies each gradient into its bucket's flat buffer and
+    frees ``param.grad``; a bucket whose gradients have all landed is reduce-scattered at once (async), in a fixed
+    bucket order that every rank shares; at the end of every backward the buckets that did not fill (a parameter
+    unused on this rank) are sent anyway, with zeros for the missing gradients, so every rank issues the same
+    collectives in the same order whatever its control flow. At most ``max_inflight`` full-size buckets exist at
+    a time; the reduced 1/N shard is accumulated (over backward passes) in ``Bucket.shard_grad``.
+  - **stage 1** (``N > 1``): gradients stay in ``param.grad`` until ``step()``, then are packed and
+    reduce-scattered bucket by bucket (or, with ``grads_reduced=True``, used as they are: DDP already averaged
+    them).
+  - **one process**: no buffers and no collectives; the update reads ``param.grad`` directly.
+
+  After the update, :meth:`GradEngine.gather_params` all-gathers each bucket's updated shard so every rank holds
+  identical weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import deque
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from .comm import Comm, Handle
+from .layout import BucketLayout
+
+__all__ = ["Bucket", "GradEngine"]
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
+
+
+class Bucket:
+    """Parameters of one group packed into one flat buffer, and this rank's shard of it."""
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        group_index: int,
+        comm: Comm,
+        reduce_dtype: torch.dtype,
+        acc_dtype: torch.dtype,
+        master_dtype: torch.dtype | None,
+    ) -> None:
+        self.params = params
+        self.group_index = group_index
+        self.comm = comm
+        self.layout = BucketLayout([p.numel() for p in params], comm.world_size, comm.rank)
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.reduce_dtype = reduce_dtype
+        self.acc_dtype = acc_dtype
+        self.master_dtype = master_dtype  # None: params are updated in their own dtype
+        self.state_dtype = master_dtype or self.dtype
+        # backward-round bookkeeping (stage 2)
+        self.full: Tensor | None = None  # padded flat gradient buffer, alive until its reduce-scatter is done
+        self.landed = [False] * len(params)
+        self.pending = len(params)
+        self.rs_out: Tensor | None = None
+        self.handle: Handle | None = None
+        # reduced, averaged gradient of the owned shard (accumulated over backward passes until step)
+        self.shard_grad: Tensor | None = None
+        self.present = [False] * len(params)  # got a gradient on this rank since the last step
+        # optimizer state of the owned shard (flat); optimizer.state[p] holds views into these
+        self.exp_avg: Tensor | None = None
+        self.exp_avg_sq: Tensor | None = None
+        self.master: Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------------- views
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def owned_param_view(self, i: int) -> Tensor:
+        s = self.layout.slots[i]
+        return _flat(self.params[i].detach())[s.own_lo : s.own_hi]
+
+    def shard_view(self, flat: Tensor, i: int) -> Tensor:
+        s = self.layout.slots[i]
+        return flat[s.shard_lo : s.shard_lo + s.owned]
+
+    # -------------------------------------------------------------------------------------------- gradients
+    def _alloc_full(self) -> Tensor:
+        full = torch.empty(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
+        if self.layout.padding:
+            full[self.layout.numel :].zero_()
+        return full
+
+    def land(self, i: int, grad: Tensor) -> None:
+        """Copy parameter ``i``'s gradient into the flat buffer (adds if it already landed this round)."""
+        if self.full is None:
+            self.full = self._alloc_full()
+            self._unlanded_zeroed = False
+        s = self.layout.slots[i]
+        dst = self.full[s.offset : s.offset + s.numel]
+        if self.landed[i]:
+            dst.add_(_flat(grad))
+        else:
+            dst.copy_(_flat(grad))
+            self.landed[i] = True
+            self.pending -= 1
+        self.present[i] = True
+
+    def fill_missing(self) -> None:
+        """Zero the slots of parameters that have not landed this round (so they contribute nothing)."""
+        if self.full is None:
+            self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
+            return
+        for i, s in enumerate(self.layout.slots):
+            if not self.landed[i]:
+                self.full[s.offset : s.offset + s.numel].zero_()
+
+    def launch(self) -> None:
+        n = self.comm.world_size
+        if self.reduce_dtype == torch.float16:
+            self.full.div_(n)  # fp16: average before summing, as DDP does, so the sum cannot overflow
+        self.rs_out = torch.empty(self.layout.shard, dtype=self.reduce_dtype, device=self.device)
+        self.handle = self.comm.reduce_scatter(self.rs_out, self.full, async_op=True)
+
+    def finish(self) -> None:
+        """Wait for the reduce-scatter, average, accumulate into ``shard_grad`` and free the full buffer."""
+        self.handle.wait()
+        out = self.rs_out
+        if self.reduce_dtype != torch.float16:
+            out = out.to(self.acc_dtype).div_(self.comm.world_size)
+        else:
+            out = out.to(self.acc_dtype)
+        if self.shard_grad is None:
+            self.shard_grad = out
+        else:
+            self.shard_grad.add_(out)
+        self.full = self.rs_out = self.handle = None
+
+    def reset_round(self) -> None:
+        self.landed = [False] * len(self.params)
+        self.pending = len(self.params)
+
+    def clear_grads(self) -> None:
+        self.shard_grad = None
+        self.full = self.rs_out = self.handle = None
+        self.present = [False] * len(self.params)
+        self.reset_round()
+
+    # ------------------------------------------------------------------------------------------------- state
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.exp_avg, self.exp_avg_sq, self.master) if t is not None)
+
+    def init_state(self) -> None:
+        S = self.layout.shard
+        self.exp_avg = torch.zeros(S, dtype=self.state_dtype, device=self.device)
+        self.exp_avg_sq = torch.zeros(S, dtype=self.state_dtype, device=self.device)
+        if self.master_dtype is not None:
+            self.master = torch.zeros(S, dtype=self.master_dtype, device=self.device)
+            for i, s in enumerate(self.layout.slots):
+                if s.owned:
+                    self.shard_view(self.master, i).copy_(self.owned_param_view(i))
+
+    def to_device(self, device: torch.device) -> None:
+        """Follow the parameters to another device (e.g. the model was moved after the optimizer was built)."""
+        self.device = device
+        for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+
+    def __repr__(self) -> str:
+        return f"Bucket(group={self.group_index}, dtype={self.dtype}, {self.layout})"
+
+
+class GradEngine:
+    """Gradient reduction for all buckets of one optimizer (see the module docstring)."""
+
+    def __init__(self, stage: int, grads_reduced: bool, max_inflight: int = 2) -> None:
+        self.stage = stage
+        self.grads_reduced = grads_reduced
+        self.max_inflight = max_inflight
+        self.buckets: list[Bucket] = []  # in launch order, identical on every rank
+        self.hooked_buckets: list[Bucket] = []  # the subset reduced during backward (stage 2, N > 1)
+        self.where: dict[Tensor, tuple[Bucket, int]] = {}
+        self._hooks: list = []
+        self._no_sync = 0
+        self._round_active = False
+        self._next = 0
+        self._inflight: deque[Bucket] = deque()
+        self.rounds = 0  # backward passes reduced since the last step
+        # Launch order: buckets are built in reverse parameter order, which matches backward only roughly (param
+        # groups interleave). The first backward logs the order buckets actually fill on each rank; at the first
+        # step every rank adopts rank 0's log (as DDP rebuilds its buckets after the first iteration).
+        self._fill_log: list[Bucket] | None = []
+        self._reordered = False
+        self._reduced = False  # reduce() ran and nothing arrived since: calling it again is a no-op
+        # peak bytes of full-size gradient buffers alive at once (stage 2 memory claim, checked by tests)
+        self.full_bytes = 0
+        self.peak_full_bytes = 0
+
+    # --------------------------------------------------------------------------------------------- building
+    def add_bucket(self, bucket: Bucket) -> None:
+        self.buckets.append(bucket)
+        for i, p in enumerate(bucket.params):
+            self.where[p] = (bucket, i)
+        if self.hooked(bucket):
+            self.hooked_buckets.append(bucket)
+            ref = weakref.ref(self)
+            for p in bucket.params:
+                self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, ref=ref: _hook(ref, p)))
+
+    def hooked(self, bucket: Bucket) -> bool:
+        """Stage 2 over several ranks reduces during backward; everything else reads ``param.grad`` at step."""
+        return self.stage == 2 and bucket.comm.world_size > 1
+
+    def sharded(self, bucket: Bucket) -> bool:
+        """Whether the update reads ``bucket.shard_grad`` (else: slices of ``param.grad``)."""
+        return bucket.comm.world_size > 1 and not self.grads_reduced
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ------------------------------------------------------------------------------------------- no_sync()
+    def enter_no_sync(self) -> None:
+        self._no_sync += 1
+
+    def exit_no_sync(self) -> None:
+        self._no_sync -= 1
+
+    # ------------------------------------------------------------------------------------- stage 2 (hooks)
+    def on_grad(self, p: Tensor) -> None:
+        if self._no_sync:
+            return
+        self._reduced = False
+        bucket, i = self.where[p]
+        check_grad(p, p.grad)
+        if not self._round_active:
+            self._round_active = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        if bucket.full is None:
+            self._track_alloc(bucket)
+        bucket.land(i, p.grad)
+        p.grad = None
+        if bucket.pending == 0 and self._fill_log is not None:
+            self._fill_log.append(bucket)
+        self._launch_ready()
+
+    def _track_alloc(self, bucket: Bucket) -> None:
+        self.full_bytes += bucket.layout.padded * torch.empty((), dtype=bucket.reduce_dtype).element_size()
+        self.peak_full_bytes = max(self.peak_full_bytes, self.full_bytes)
+
+    def _launch(self, bucket: Bucket) -> None:
+        bucket.launch()
+        self._inflight.append(bucket)
+        while len(self._inflight) > self.max_inflight:
+            self._finish(self._inflight.popleft())
+
+    def _finish(self, bucket: Bucket) -> None:
+        nbytes = bucket.full.numel() * bucket.full.element_size()
+        bucket.finish()
+        self.full_bytes -= nbytes
+
+    def _launch_ready(self) -> None:
+        hooked = self.hooked_buckets
+        while self._next < len(hooked) and hooked[self._next].pending == 0:
+            self._launch(hooked[self._next])
+            self._next += 1
+
+    def _backward_done(self) -> None:
+        """End of a backward pass: send the buckets that did not fill, wait for everything, start a new round."""
+        hooked = self.hooked_buckets
+        for bucket in hooked[self._next :]:
+            self._pack_leftovers(bucket)
+            if bucket.full is None:
+                self._track_alloc(bucket)
+            bucket.fill_missing()
+            self._launch(bucket)
+        self._drain()
+        for bucket in hooked:
+            bucket.reset_round()
+        self._next = 0
+        self._round_active = False
+        self.rounds += 1
+        if self._fill_log is not None:
+            self._fill_log += [b for b in hooked if b not in self._fill_log]
+            self._order = [hooked.index(b) for b in self._fill_log]
+            self._fill_log = None
+
+    def _adopt_fill_order(self) -> None:
+        """Once, at the first step after a backward: every rank launches buckets in rank 0's fill order."""
+        if self._reordered or self._fill_log is not None or not self.hooked_buckets:
+            return
+        comm = self.hooked_buckets[0].comm
+        order = torch.tensor(self._order, dtype=torch.int64, device=_control_device(comm, self.hooked_buckets[0]))
+        comm.broadcast(order)
+        perm = order.tolist()
+        if sorted(perm) != list(range(len(self.hooked_buckets))):
+            raise RuntimeError(f"bucket order from rank 0 is not a permutation: {perm}")
+        self.hooked_buckets = [self.hooked_buckets[i] for i in perm]
+        self._reordered = True
+
+    def _pack_leftovers(self, bucket: Bucket) -> None:
+        """Gradients left in ``param.grad`` (from backward passes run under ``no_sync()``) join this round."""
+        for i, p in enumerate(bucket.params):
+            if not bucket.landed[i] and p.grad is not None:
+                check_grad(p, p.grad)
+                if bucket.full is None:
+                    self._track_alloc(bucket)
+                bucket.land(i, p.grad)
+                p.grad = None
+
+    def _drain(self) -> None:
+        while self._inflight:
+            self._finish(self._inflight.popleft())
+
+    # ---------------------------------------------------------------------------------------- step: reduce
+    def reduce(self) -> None:
+        """Make every bucket's averaged gradient available to the update (called at the start of ``step``).
+
+        Idempotent until the next backward or :meth:`clear`.
+        """
+        if self._reduced:
+            return
+        if self.hooked_buckets:
+            if self._round_active:  # step() called from inside backward (should not happen); finish the round
+                self._backward_done()
+            self._drain()
+            hooked = self.hooked_buckets
+            if any(p.grad is not None for b in hooked for p in b.params):
+                # backward ran only under no_sync() since the last step: reduce what accumulated in param.grad
+                self._check_not_rewritten(hooked)
+                for bucket in hooked:
+                    self._pack_leftovers(bucket)
+                    bucket.fill_missing()
+                    self._launch(bucket)
+                self._drain()
+                for bucket in hooked:
+                    bucket.reset_round()
+                self.rounds += 1
+                if self._fill_log is not None:  # no hook ever fired: keep the built order
+                    self._order = list(range(len(hooked)))
+                    self._fill_log = None
+            self._adopt_fill_order()
+        for bucket in self.buckets:
+            if self.hooked(bucket) or not self.sharded(bucket):
+                if not self.hooked(bucket):
+                    for i, p in enumerate(bucket.params):
+                        if p.grad is not None:
+                            check_grad(p, p.grad)
+                            bucket.present[i] = True
+                continue
+            # stage 1 over several ranks: pack param.grad and reduce-scatter now
+            for i, p in enumerate(bucket.params):
+                if p.grad is not None:
+                    check_grad(p, p.grad)
+            self._track_alloc(bucket)
+            bucket.full = bucket._alloc_full()
+            for i, p in enumerate(bucket.params):
+                s = bucket.layout.slots[i]
+                dst = bucket.full[s.offset : s.offset + s.numel]
+                if p.grad is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(_flat(p.grad))
+                    bucket.present[i] = True
+            self._launch(bucket)
+        self._drain()
+        self._reduced = True
+
+    def _check_not_rewritten(self, hooked: Iterable[Bucket]) -> None:
+        if self.rounds == 0:
+            return
+        for bucket in hooked:
+            for i, p in enumerate(bucket.params):
+                if bucket.present[i] and p.grad is not None:
+                    raise ValueError(
+                        "stage=2 frees param.grad as soon as it has copied the gradient, but a gradient was "
+                        "written back after that. The model is probably wrapped in DistributedDataParallel: "
+                        "stage 2 reduces gradients itself, so don't wrap the model in DDP (or use stage=1 with "
+                        "grads_reduced=True). Running backward under no_sync() *after* the last synced backward "
+                        "of a step also causes this: the synced backward must be the last one."
+                    )
+
+    def grad_views(self, bucket: Bucket, indices: list[int]) -> list[Tensor]:
+        """The averaged gradient of the owned part of each parameter ``indices`` of ``bucket``."""
+        if self.sharded(bucket):
+            return [bucket.shard_view(bucket.shard_grad, i) for i in indices]
+        out = []
+        for i in indices:
+            s = bucket.layout.slots[i]
+            out.append(_flat(bucket.params[i].grad)[s.own_lo : s.own_hi])
+        return out
+
+    def clear(self) -> None:
+        self._reduced = False
+        self._drain()
+        for bucket in self.buckets:
+            bucket.clear_grads()
+        self.rounds = 0
+        self.full_bytes = 0
+        self._next = 0
+
+    # ------------------------------------------------------------------------------- step: gather params
+    def gather_params(self, bucket: Bucket, indices: list[int]) -> Handle | None:
+        """Start the all-gather of ``bucket``'s updated shard; the returned handle writes into the params."""
+        if bucket.comm.world_size == 1:
+            if bucket.master is not None:
+                for i in indices:
+                    bucket.owned_param_view(i).copy_(bucket.shard_view(bucket.master, i))
+            return None
+        if bucket.master is not None:
+            send = bucket.master.to(bucket.dtype)
+        else:
+            send = torch.zeros(bucket.layout.shard, dtype=bucket.dtype, device=bucket.device)
+            for i, s in enumerate(bucket.layout.slots):
+                if s.owned:
+                    bucket.shard_view(send, i).copy_(bucket.owned_param_view(i))
+        out = torch.empty(bucket.layout.padded, dtype=bucket.dtype, device=bucket.device)
+        h = bucket.comm.all_gather(out, send, async_op=True)
+        slots = [bucket.layout.slots[i] for i in indices]
+        dsts = [_flat(bucket.params[i].detach()) for i in indices]
+
+        def unpack() -> None:
+            srcs = [out[s.offset : s.offset + s.numel] for s in slots]
+            torch._foreach_copy_(dsts, srcs)
+
+        return Handle(h, unpack)
+
+
+def _control_device(comm: Comm, bucket: Bucket) -> torch.device:
+    return bucket.device if "nccl" in comm.backend else torch.device("cpu")
+
+
+def _hook(ref: weakref.ref, p: Tensor) -> None:
+    engine = ref()
+    if engine is not None:
+        engine.on_grad(p)
+
+
+def check_grad(p: Tensor, grad: Tensor) -> None:
+    """Reject gradients the dense update cannot take, with the fix in the message."""
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise TypeError(
+            "ShardedAdamW got a sparse gradient (e.g. from nn.Embedding(sparse=True)); use zeroadamw.SparseAdamW "
+            "with {'sparse': 'rows'} for that parameter, or build the embedding with sparse=False"
+        )
+    if grad.shape != p.shape:
+        raise ValueError(f"gradient shape {tuple(grad.shape)} does not match its parameter's shape {tuple(p.shape)}")
+    if grad.dtype != p.dtype:
+        raise ValueError(
+            f"gradient dtype {grad.dtype} does not match its parameter's dtype {p.dtype}; "
+            "assign gradients of the parameter's dtype (autograd always does)"
+        )
+    if grad.device != p.device:
+        raise ValueError(f"gradient is on {grad.device} but its parameter is on {p.device}")

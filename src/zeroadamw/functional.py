@@ -1,0 +1,244 @@
+r"""Pure AdamW update math on lists of tensors: no ``torch.distributed``, no hooks, no optimizer objects.
+
+Every kernel here has the same signature and the same meaning, and updates its arguments in place::
+
+    adamw_<impl>(params, grads, exp_avgs, exp_avg_sqs, steps, *,
+                 lr, beta1, beta2, eps, weight_decay, decay="decoupled", lr_max=None, grad_scale=None)
+
+``steps`` are 0-d float32 tensors, incremented by the kernel (as in ``torch.optim``). ``grad_scale`` (a float or
+a 0-d tensor) divides every gradient before use: it folds loss-scale unscaling and global-norm clipping into the
+update without another pass over the gradients. Tensors of one call share a device and a dtype.
+
+For step :math:`t` with gradient :math:`g_t = \nabla f(\theta_{t-1}) / s` (``s`` = ``grad_scale``):
+
+.. math::
+   \begin{aligned}
+   &\textbf{decoupled:}\;  \theta \leftarrow \theta\,(1 - \gamma_t \lambda)
+        &&\text{(PyTorch's AdamW; identical to \texttt{torch.optim.AdamW})} \\
+   &\textbf{independent:}\; \theta \leftarrow \theta\,(1 - \lambda\,\gamma_t / \gamma_{max})
+        &&\text{(Loshchilov \& Hutter: decay follows the schedule, not the peak lr)} \\
+   &\textbf{l2:}\;  g_t \leftarrow g_t + \lambda\,\theta
+        &&\text{(Adam + L2, the baseline AdamW was compared against)} \\
+   &m_t = \beta_1 m_{t-1} + (1-\beta_1)\,g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2)\,g_t^2 \\
+   &\theta \leftarrow \theta - \frac{\gamma_t}{1-\beta_1^t}\;
+        \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+   \end{aligned}
+
+Three implementations:
+
+* :func:`adamw_reference` -- a plain for-loop, written to be read; the ground truth of the tests. Its arithmetic
+  is operation-for-operation ``torch.optim.AdamW(foreach=False)``.
+* :func:`adamw_foreach` -- ``torch._foreach_*`` multi-tensor ops (``torch.optim.AdamW(foreach=True)``).
+* :func:`adamw_fused` -- ``torch._fused_adamw_`` / ``torch._fused_adam_`` (CPU and CUDA): one pass over memory.
+  All three decay modes map onto them exactly: *decoupled* is ``_fused_adamw_`` with :math:`\lambda`,
+  *independent* is ``_fused_adamw_`` with :math:`\lambda/\gamma_{max}`, *l2* is ``_fused_adam_`` with
+  :math:`\lambda`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DECAY_MODES",
+    "adamw",
+    "adamw_reference",
+    "adamw_foreach",
+    "adamw_fused",
+    "fused_supported",
+    "effective_weight_decay",
+]
+
+DECAY_MODES = ("decoupled", "independent", "l2")
+
+
+def effective_weight_decay(decay: str, weight_decay: float, lr_max: float | None) -> float:
+    """The decoupled coefficient ``w`` such that the decay step is ``theta *= 1 - lr * w``.
+
+    ``decoupled``: ``w = lambda``; ``independent``: ``w = lambda / lr_max``. (``l2`` has no decoupled form.)
+    """
+    if decay == "independent":
+        if lr_max is None or lr_max <= 0:
+            raise ValueError(f"decay='independent' needs lr_max > 0 (the group's initial lr), got {lr_max}")
+        return weight_decay / lr_max
+    return weight_decay
+
+
+def _scalar(x) -> float:
+    return x.item() if isinstance(x, Tensor) else float(x)
+
+
+def adamw_reference(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: str = "decoupled",
+    lr_max: float | None = None,
+    grad_scale: float | Tensor | None = None,
+) -> None:
+    """Readable for-loop AdamW with the three decay modes (see the module docstring for the math)."""
+    if decay not in DECAY_MODES:
+        raise ValueError(f"Unknown decay mode {decay!r}; expected one of {DECAY_MODES}")
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+        step += 1
+        t = _scalar(step)
+        if grad_scale is not None:
+            g = g / grad_scale
+        if weight_decay != 0:
+            if decay == "l2":
+                g = g.add(p, alpha=weight_decay)
+            else:
+                p.mul_(1 - lr * effective_weight_decay(decay, weight_decay, lr_max))
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias_correction1 = 1 - beta1**t
+        bias_correction2 = 1 - beta2**t
+        step_size = lr / bias_correction1
+        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+        p.addcdiv_(m, denom, value=-step_size)
+
+
+def adamw_foreach(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: str = "decoupled",
+    lr_max: float | None = None,
+    grad_scale: float | Tensor | None = None,
+) -> None:
+    """Multi-tensor AdamW (``torch._foreach_*``), same math and signature as :func:`adamw_reference`."""
+    if decay not in DECAY_MODES:
+        raise ValueError(f"Unknown decay mode {decay!r}; expected one of {DECAY_MODES}")
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    if grad_scale is not None:
+        grads = torch._foreach_div(grads, _scalar(grad_scale))
+    if weight_decay != 0:
+        if decay == "l2":
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        else:
+            torch._foreach_mul_(params, 1 - lr * effective_weight_decay(decay, weight_decay, lr_max))
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    del grads
+    ts = [_scalar(s) for s in steps]
+    step_sizes = [-(lr / (1 - beta1**t)) for t in ts]
+    bias_correction2_sqrt = [(1 - beta2**t) ** 0.5 for t in ts]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def adamw_fused(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decay: str = "decoupled",
+    lr_max: float | None = None,
+    grad_scale: float | Tensor | None = None,
+) -> None:
+    """One-pass AdamW with ``torch._fused_adamw_`` / ``torch._fused_adam_``; same signature as the others."""
+    if decay not in DECAY_MODES:
+        raise ValueError(f"Unknown decay mode {decay!r}; expected one of {DECAY_MODES}")
+    if not params:
+        return
+    if grad_scale is not None and not isinstance(grad_scale, Tensor):
+        grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32, device=params[0].device)
+    elif grad_scale is not None:
+        grad_scale = grad_scale.to(device=params[0].device, dtype=torch.float32)
+    torch._foreach_add_(steps, 1)
+    if decay == "l2":
+        fn, wd = torch._fused_adam_, weight_decay
+    else:
+        fn, wd = torch._fused_adamw_, effective_weight_decay(decay, weight_decay, lr_max)
+    fn(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=wd,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+        grad_scale=grad_scale,
+        found_inf=None,
+    )
+
+
+_FUSED_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
+
+
+def fused_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._fused_adamw_`` handles tensors of this device type and dtype."""
+    if device.type not in _FUSED_DEVICE_TYPES:
+        return False
+    if device.type == "mps":
+        return dtype in (torch.float32, torch.float16)
+    return dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+KERNELS: dict[str, Callable[..., None]] = {
+    "reference": adamw_reference,
+    "foreach": adamw_foreach,
+    "fused": adamw_fused,
+}
+
+
+def adamw(*args, impl: str = "auto", **kwargs) -> None:
+    """Dispatch to a kernel: ``impl`` in ``{"auto", "fused", "foreach", "reference"}``.
+
+    ``auto`` picks ``fused`` where :func:`fused_supported` says so, else ``foreach``.
+    """
+    if impl == "auto":
+        params = args[0] if args else kwargs["params"]
+        if not params:
+            return
+        impl = "fused" if fused_supported(params[0].device, params[0].dtype) else "foreach"
+    try:
+        kernel = KERNELS[impl]
+    except KeyError:
+        raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(KERNELS)}") from None
+    kernel(*args, **kwargs)
+
+
+def clip_coefficient(total_norm: float, max_norm: float | None) -> float:
+    """``min(1, max_norm / (total_norm + 1e-6))`` -- the factor ``torch.nn.utils.clip_grad_norm_`` applies."""
+    if max_norm is None or not math.isfinite(total_norm):
+        return 1.0
+    return min(1.0, max_norm / (total_norm + 1e-6))
