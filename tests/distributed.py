@@ -34,12 +34,11 @@ def _worker(rank, world_size, fn, args, store_path, out_dir, env):
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out)
-    except BaseException:  # noqa: BLE001 - report everything to the parent
+    except BaseException:  # noqa: BLE001 - report everything to the parent, which raises it
         torch.save({"ok": False, "error": traceback.format_exc()}, out)
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        os._exit(1)  # don't wait on peers that may be stuck in a collective with us
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict[str, str] | None = None) -> list:

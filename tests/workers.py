@@ -11,6 +11,7 @@ from helpers import (
     MLP,
     clone_model,
     llama_batch,
+    llama_loss,
     loss_fn,
     max_state_err,
     mlp_batch,
@@ -163,3 +164,254 @@ def nan_skip(rank, world_size, stage):
     assert not opt.last_step_skipped
     assert_ranks_identical(list(model.parameters()))
     return True
+
+
+def matrix(rank, world_size, configs):
+    return [train_vs_reference(rank, world_size, cfg) for cfg in configs]
+
+
+def ddp_stage1(rank, world_size):
+    """Model wrapped in DDP (which averages gradients in backward) + stage 1 with grads_reduced=True: no
+    reduce-scatter at all, only the param all-gather; matches torch AdamW fed DDP's gradients."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = MLP()
+    model.unused.requires_grad_(False)  # DDP without find_unused_parameters needs every trainable param used
+    ddp = DDP(model)
+    ref_model = clone_model(model)
+    opt = ShardedAdamW(param_groups(model), stage=1, grads_reduced=True, bucket_size=64)
+    ref = torch.optim.AdamW(param_groups(ref_model), foreach=False)
+    ref_params = list(ref_model.parameters())
+    worst = 0.0
+    for step in range(20):
+        x, y = mlp_batch(step, rank)
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        for q, p in zip(ref_params, model.parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        opt.zero_grad()
+        ref.step()
+        ref.zero_grad()
+        worst = max(worst, max(rel_err(p, q) for p, q in zip(model.parameters(), ref_params)))
+        assert_ranks_identical(list(model.parameters()))
+    counters = opt.comm_counters()
+    assert "reduce_scatter" not in counters and "all_reduce" not in counters, counters
+    assert counters["all_gather"]["calls"] > 0
+    return worst
+
+
+def ddp_stage2_is_refused(rank, world_size):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(0)
+    model = MLP()
+    model.unused.requires_grad_(False)
+    ddp = DDP(model)
+    opt = ShardedAdamW(model.parameters(), stage=2, bucket_size=64)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = mlp_batch(0, rank)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()
+    try:
+        opt.step()
+    except ValueError as e:
+        assert "DistributedDataParallel" in str(e)
+    else:
+        raise AssertionError("stage 2 under DDP was not detected")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    return True
+
+
+def comm_bytes(rank, world_size, stage):
+    """Bytes per step: reduce-scatter + all-gather == DDP's all-reduce of the same gradients (both measured:
+    DDP's through a comm hook that counts what its buckets all-reduce), plus a control message of a few bytes."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model = tiny_llama()
+    ddp_model = DDP(clone_model(model))
+    ddp_bytes = [0]
+
+    def counting_hook(state, bucket):
+        buf = bucket.buffer()
+        n = world_size
+        ddp_bytes[0] += 2 * (n - 1) / n * buf.numel() * buf.element_size()
+        fut = dist.all_reduce(buf.div_(n), async_op=True).get_future()
+        return fut.then(lambda f: f.value()[0])
+
+    ddp_model.register_comm_hook(None, counting_hook)
+    opt = ShardedAdamW(model.parameters(), stage=stage, bucket_size=4096)
+    ids = llama_batch(0, rank)
+    for step in range(2):  # the first step also broadcasts the bucket order once; count the second
+        opt.reset_comm_counters()
+        ddp_bytes[0] = 0
+        llama_loss(model, ids).backward()
+        opt.step()
+        opt.zero_grad()
+        llama_loss(ddp_model, ids).backward()
+    c = opt.comm_counters()
+    padded_bytes = sum(b.layout.padded * 4 for b in opt.engine.buckets)
+    n = world_size
+    expect = (n - 1) / n * padded_bytes
+    assert abs(c["reduce_scatter"]["bytes"] - expect) <= len(opt.engine.buckets), c
+    assert abs(c["all_gather"]["bytes"] - expect) <= len(opt.engine.buckets), c
+    grad_bytes = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return {
+        "rs": c["reduce_scatter"]["bytes"],
+        "ag": c["all_gather"]["bytes"],
+        "control": c.get("control", {}).get("bytes", 0),
+        "ddp": ddp_bytes[0],
+        "grad_bytes": grad_bytes,
+        "padded_bytes": padded_bytes,
+    }
+
+
+def bf16_master(rank, world_size, stage):
+    """bf16 params + fp32 master shards over N ranks (gradients reduced in fp32): the master follows torch AdamW
+    on fp32 copies fed the averaged (upcast) bf16 gradients, and every rank's bf16 params are identical."""
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    masters = [p.detach().float().clone().requires_grad_() for p in trainable]
+    opt = ShardedAdamW(model.parameters(), lr=1e-2, stage=stage, bucket_size=64, reduce_dtype=torch.float32)
+    ref = torch.optim.AdamW(masters, lr=1e-2, foreach=False)
+    worst = 0.0
+    for step in range(30):
+        model.loss(mlp_batch(step, rank, dtype=torch.bfloat16)).backward()
+        applied = averaged_grads(opt, trainable)
+        for q, g in zip(masters, applied):
+            q.grad = g
+        opt.step()
+        opt.zero_grad()
+        ref.step()
+        sd = opt.state_dict()
+        index = {p: k for k, p in enumerate(model.parameters())}
+        for p, q in zip(trainable, masters):
+            if index[p] in sd["state"]:
+                worst = max(worst, rel_err(sd["state"][index[p]]["master"], q))
+        assert_ranks_identical(trainable)
+        for p, q in zip(trainable, masters):
+            assert torch.equal(p, sd["state"][index[p]]["master"].to(torch.bfloat16)) if index[p] in sd["state"] else True
+    assert opt.state_bytes() == sum(b.layout.shard for b in opt.engine.buckets) * 3 * 4
+    return worst
+
+
+def grad_scaler_overflow_on_one_rank(rank, world_size, stage):
+    """fp16 + GradScaler: an overflow on the last rank only must skip the step on every rank and back off every
+    rank's scale (else the ranks' scales, and then their weights, drift apart)."""
+    torch.manual_seed(0)
+    model = MLP().to(torch.float16)
+    opt = ShardedAdamW(model.parameters(), lr=1e-3, stage=stage, bucket_size=64)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scales, skipped = [], []
+    for step in range(6):
+        x, y = mlp_batch(step, rank, dtype=torch.float16)
+        if step == 3 and rank == world_size - 1:
+            x = x * 6e4  # overflows fp16 in backward on this rank only
+        scaler.scale(model.loss((x, y))).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+        skipped.append(opt.last_step_skipped)
+        assert_ranks_identical([p for p in model.parameters()])
+    assert skipped[3] and not any(skipped[:3])
+    return scales
+
+
+def load_consolidated(rank, world_size, path, steps):
+    """Load a consolidated state dict saved at another world size, continue training: matches torch.optim.AdamW
+    that loaded the same dict and is fed the same averaged gradients."""
+    torch.manual_seed(0)
+    model = MLP()
+    saved = torch.load(path, weights_only=True)
+    model.load_state_dict(saved["model"])
+    ref_model = clone_model(model)
+    opt = ShardedAdamW(param_groups(model), stage=2, bucket_size=48)
+    opt.load_state_dict(saved["optim"])
+    ref = torch.optim.AdamW(param_groups(ref_model), foreach=False)
+    ref.load_state_dict(saved["optim"])
+    assert max_state_err(opt.state_dict(), ref.state_dict()) == 0.0  # the reshard itself is exact
+    worst = 0.0
+    ref_params = list(ref_model.parameters())
+    for step in range(steps, steps + 10):
+        model.loss(mlp_batch(step, rank)).backward()
+        applied = averaged_grads(opt, list(model.parameters()))
+        opt.step()
+        opt.zero_grad()
+        for q, g in zip(ref_params, applied):
+            q.grad = g
+        ref.step()
+        ref.zero_grad()
+        worst = max(worst, max(rel_err(p, q) for p, q in zip(model.parameters(), ref_params)))
+    return worst, max_state_err(opt.state_dict(), ref.state_dict())
+
+
+def save_consolidated(rank, world_size, path, steps):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = ShardedAdamW(param_groups(model), stage=2, bucket_size=64)
+    for step in range(steps):
+        model.loss(mlp_batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    sd = opt.state_dict()  # collective: every rank gets the full, identical state
+    if rank == 0:
+        torch.save({"model": model.state_dict(), "optim": sd}, path)
+    return True
+
+
+def layout_mismatch(rank, world_size):
+    sizes = [4, 5] if rank == 0 else [4, 6]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    try:
+        ShardedAdamW(params)
+    except ValueError as e:
+        assert "different parameter layouts" in str(e)
+        return True
+    raise AssertionError("mismatch not detected")
+
+
+def rank_dependent_graph(rank, world_size, stage):
+    """A branch only rank 0 runs (its params get a gradient on rank 0 only) and a param no rank uses: no hang,
+    the branch's update uses (g_0 + 0 + ...)/N as DDP would, and the unused param keeps no state."""
+    torch.manual_seed(0)
+    model = MLP()
+    branch = torch.nn.Linear(7, 7)
+    params = list(model.parameters()) + list(branch.parameters())
+    opt = ShardedAdamW(params, lr=1e-2, stage=stage, bucket_size=40)
+    ref_params = [p.detach().clone().requires_grad_() for p in params]
+    ref = torch.optim.AdamW(ref_params, lr=1e-2, foreach=False)
+    for step in range(8):
+        out = model(mlp_batch(step, rank)[0])
+        if rank == 0:
+            out = branch(out)
+        out.pow(2).mean().backward()
+        applied = averaged_grads(opt, params)
+        opt.step()
+        opt.zero_grad()
+        for q, g in zip(ref_params, applied):
+            q.grad = g
+        ref.step()
+        ref.zero_grad()
+        assert_ranks_identical(params)
+    for p, q in zip(params, ref_params):
+        assert rel_err(p, q) <= 1e-6
+    assert torch.equal(model.unused, ref_params[[i for i, p in enumerate(params) if p is model.unused][0]])
+    return True
+
+
+def free_running(rank, world_size, model_name, steps, batches_per_rank):
+    """N ranks on N micro-batches vs (run separately) one process on their concatenation: return the params."""
+    cfg = {"model": model_name}
+    model, batch = build(cfg)
+    opt = ShardedAdamW(param_groups(model, lr=1e-3), stage=2, bucket_size=256)
+    per_rank = batches_per_rank // world_size
+    for step in range(steps):
+        loss = 0.0
+        for micro in range(per_rank):
+            r = rank * per_rank + micro
+            with no_sync_if(opt, micro < per_rank - 1):
+                (loss_fn(model, batch(step, r)) / per_rank).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
