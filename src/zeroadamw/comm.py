@@ -52,6 +52,10 @@ class Handle:
         self._then = then
         self._done = False
 
+    def done(self) -> bool:
+        """True when ``wait()`` would not block."""
+        return self._done or self._work is None or self._work.is_completed()
+
     def wait(self) -> None:
         if self._done:
             return

@@ -224,6 +224,10 @@ class GradEngine:
         """Whether the update reads ``bucket.shard_grad`` (else: slices of ``param.grad``)."""
         return bucket.comm.world_size > 1 and not self.grads_reduced
 
+    def reset_peak(self) -> None:
+        """Restart the peak count of full-size gradient buffers (e.g. after the first step settled the order)."""
+        self.peak_full_bytes = self.full_bytes
+
     def remove_hooks(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -261,7 +265,8 @@ class GradEngine:
     def _launch(self, bucket: Bucket) -> None:
         bucket.launch()
         self._inflight.append(bucket)
-        while len(self._inflight) > self.max_inflight:
+        # free full-size buffers as soon as their collective is done; block only past max_inflight
+        while self._inflight and (len(self._inflight) > self.max_inflight or self._inflight[0].handle.done()):
             self._finish(self._inflight.popleft())
 
     def _finish(self, bucket: Bucket) -> None:
