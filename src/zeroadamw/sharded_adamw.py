@@ -371,7 +371,9 @@ class ShardedAdamW(torch.optim.Optimizer):
         self._check_new_trainable()
         engine = self.engine
         engine.reduce()
-        self._init_state()
+        if not self._state_ready:
+            self._init_state()
+            self._warn_if_resumed_without_state()
 
         scale = self._loss_scale(grad_scaler)
         sumsq, presence = self._local_stats()
@@ -416,6 +418,27 @@ class ShardedAdamW(torch.optim.Optimizer):
             pending.wait()
         engine.clear()
         return loss
+
+    def _warn_if_resumed_without_state(self) -> None:
+        """zeroadamw.checkpoint.load(model=..., optimizer=None) marks the params of a model restored from a
+        checkpoint that had optimizer state. Starting AdamW fresh there (zero moments, step 1 bias correction
+        on weights trained for thousands of steps) is the classic resume bug: say so, loudly, once."""
+        resumed = [getattr(p, "_zeroadamw_resumed_step", 0) for b in self.engine.buckets for p in b.params]
+        step = max(resumed, default=0)
+        if step > 0:
+            msg = (
+                f"zeroadamw: this model was restored from a checkpoint saved at optimizer step {step:g}, but the "
+                "optimizer starts with FRESH state (zero moments). Resuming like this usually makes training "
+                "diverge. Load the optimizer too: zeroadamw.checkpoint.load(path, model=model, optimizer=opt)."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            import sys
+
+            print("WARNING " + msg, file=sys.stderr, flush=True)
+            for b in self.engine.buckets:
+                for p in b.params:
+                    if hasattr(p, "_zeroadamw_resumed_step"):
+                        delattr(p, "_zeroadamw_resumed_step")
 
     def _loss_scale(self, grad_scaler) -> float | None:
         if grad_scaler is None or not grad_scaler.is_enabled():

@@ -1,0 +1,747 @@
+"""Sharded, reshardable, atomic checkpoints on ``torch.distributed.checkpoint`` (DCP).
+
+::
+
+    save(path, model=model, optimizer=opt, scheduler=sched, extra={"epoch": 3})   # collective
+    extra = load(path, model=model, optimizer=opt, scheduler=sched)              # collective, any world size
+    export_consolidated(path, out_dir)   # offline, one process: optimizer.pt (torch AdamW format) + model.safetensors
+
+Layout of a checkpoint directory::
+
+    path/
+      .metadata            DCP's metadata (DCP's own format)
+      __<rank>_0.distcp    DCP's per-rank payload files: tensors only, each read back with weights_only=True
+      zeroadamw.json       ours, plain JSON: format version, world size, model tensor names/shapes/dtypes,
+                           optimizer param groups (hyperparameters + parameter *names*), scheduler state,
+                           ``extra``, and the size + CRC-32 of every file above; written last
+
+**What is stored.** Model tensors under ``model/<name>`` (replicated; DCP writes each once). Optimizer state per
+parameter *name* (FQN): ``optim/<fqn>/exp_avg``, ``.../exp_avg_sq`` and, for bf16/fp16 params, ``.../master`` as
+1-D tensors of the parameter's ``numel`` elements, each rank writing only the element range it owns; plus
+``optim/<fqn>/step``. A different world size or bucket size loads by reading the ranges it now owns (DCP plans
+the reads across the saved chunks). Plain ``torch.optim`` optimizers are saved too (replicated state, same keys).
+
+**Atomic.** Every rank writes into ``.<name>.tmp-<token>`` next to ``path``; after all ranks have finished
+(barrier) and the metadata is written, rank 0 swaps it in (old → ``.<name>.old-<token>``, new → ``path``, old
+deleted). A crash before the swap leaves the previous checkpoint untouched (the temporary directory is never
+accepted by ``load``: no ``zeroadamw.json``), and a crash between the two renames is repaired by the next
+``load``/``save``.
+
+**Validated on load, before anything is changed:** the JSON exists and has our format; every listed file exists
+with its size and CRC-32 (each rank checks a share; truncated or corrupt files are named); the model's tensor
+names and shapes and the optimizer's param groups (by name) and shapes match. Then the model and the optimizer
+are loaded in place.
+
+**The classic resume mistake** (model restored, optimizer fresh: AdamW moments at zero with a large step count
+make training diverge) is hard to make: ``load`` restores the optimizer unless ``optimizer=None``; then the
+model's parameters are marked and a ShardedAdamW over them that starts with fresh state warns, loudly, once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+import warnings
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+from .sharded_adamw import ShardedAdamW
+
+__all__ = ["save", "load", "export_consolidated", "CheckpointError", "META_FILE"]
+
+META_FILE = "zeroadamw.json"
+FORMAT = "zeroadamw-checkpoint"
+VERSION = 1
+RESUMED_ATTR = "_zeroadamw_resumed_step"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: the message names what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------- DCP plumbing
+class _Range:
+    """A rank's contiguous element range ``[offset, offset + local.numel())`` of a flat tensor of ``numel``
+    elements: what DCP writes as one chunk and reads back by overlap, whatever ranges the saver owned."""
+
+    def __init__(self, local: Tensor, offset: int, numel: int) -> None:
+        self.local = local
+        self.offset = offset
+        self.numel = numel
+
+    def size(self) -> torch.Size:
+        return torch.Size([self.numel])
+
+    def _chunk(self) -> ChunkStorageMetadata:
+        return ChunkStorageMetadata(offsets=torch.Size([self.offset]), sizes=torch.Size([self.local.numel()]))
+
+    def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
+        if self.local.numel() == 0:
+            return []
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, torch.Size([self.offset])),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=self._chunk(), properties=TensorProperties.create_from_tensor(self.local), size=self.size()
+                ),
+            )
+        ]
+
+    def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
+        return [self._chunk()] if self.local.numel() else []
+
+
+class _SavePlanner(DefaultSavePlanner):
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = self.state_dict[index.fqn]
+        return obj.local if isinstance(obj, _Range) else super().lookup_object(index)
+
+
+class _LoadPlanner(DefaultLoadPlanner):
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        # DCP's _init_state_dict replaces values it does not know (our _Range) with None: keep them out of it
+        ranges = {k: v for k, v in state_dict.items() if isinstance(v, _Range)}
+        super().set_up_planner({k: v for k, v in state_dict.items() if k not in ranges}, metadata, is_coordinator)
+        self.state_dict.update(ranges)
+
+    def lookup_tensor(self, index: MetadataIndex) -> Tensor:
+        obj = self.state_dict[index.fqn]
+        return obj.local if isinstance(obj, _Range) else super().lookup_tensor(index)
+
+
+def _quiet(fn, *args, **kwargs):
+    """DCP warns that it 'assumes a single process' even when told so (no_dist=True); keep our users' logs clean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
+        return fn(*args, **kwargs)
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _broadcast_obj(obj: Any) -> Any:
+    if not _dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather_obj(obj: Any) -> list[Any]:
+    if not _dist():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- JSON helpers
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise CheckpointError(f"unknown dtype {name!r} in {META_FILE}")
+    return dt
+
+
+def _jsonable(x: Any, where: str) -> Any:
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return {"__float__": repr(x)}
+        return x
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, dict):
+        out = {}
+        for k, v in x.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where}: keys must be str or int to be stored as JSON, got {type(k).__name__}")
+            out[str(k)] = _jsonable(v, f"{where}.{k}")
+        return out
+    if isinstance(x, Tensor) and x.numel() == 1:
+        return x.item()
+    if isinstance(x, torch.dtype):
+        return {"__dtype__": _dtype_name(x)}
+    raise TypeError(
+        f"{where} is a {type(x).__name__}, which can't be stored as JSON; checkpoints hold tensors and JSON only "
+        "(no pickles). Store plain numbers/strings/lists/dicts, or tensors in `extra`."
+    )
+
+
+def _unjson(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_unjson(v) for v in x]
+    if isinstance(x, dict):
+        if set(x) == {"__float__"}:
+            return float(x["__float__"])
+        if set(x) == {"__dtype__"}:
+            return _dtype(x["__dtype__"])
+        return {k: _unjson(v) for k, v in x.items()}
+    return x
+
+
+def _split_extra(extra: Any, prefix: str, tensors: dict[str, Tensor]) -> Any:
+    """JSON for ``extra`` with tensors replaced by markers; the tensors go to DCP under ``prefix``."""
+    if isinstance(extra, Tensor):
+        key = f"extra/{prefix}"
+        tensors[key] = extra.detach().contiguous()
+        return {"__tensor__": key, "shape": list(extra.shape), "dtype": _dtype_name(extra.dtype)}
+    if isinstance(extra, dict):
+        return {str(k): _split_extra(v, f"{prefix}.{k}", tensors) for k, v in extra.items()}
+    if isinstance(extra, (list, tuple)):
+        return [_split_extra(v, f"{prefix}[{i}]", tensors) for i, v in enumerate(extra)]
+    return _jsonable(extra, f"extra{prefix}")
+
+
+def _extra_dests(j: Any, dests: dict[str, Tensor]) -> None:
+    if isinstance(j, dict):
+        if "__tensor__" in j:
+            dests[j["__tensor__"]] = torch.empty(j["shape"], dtype=_dtype(j["dtype"]))
+            return
+        for v in j.values():
+            _extra_dests(v, dests)
+    elif isinstance(j, list):
+        for v in j:
+            _extra_dests(v, dests)
+
+
+def _join_extra(j: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(j, dict):
+        if "__tensor__" in j:
+            return tensors[j["__tensor__"]]
+        return {k: _join_extra(v, tensors) for k, v in j.items()}
+    if isinstance(j, list):
+        return [_join_extra(v, tensors) for v in j]
+    return _unjson(j)
+
+
+# --------------------------------------------------------------------------------------------- optimizer views
+def _param_names(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> dict[Tensor, str]:
+    if model is None:
+        raise ValueError("saving/loading an optimizer needs model= too: optimizer state is stored by parameter name")
+    names: dict[Tensor, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=True):
+        names.setdefault(p, name)
+    missing = [i for g in optimizer.param_groups for i, p in enumerate(g["params"]) if p not in names]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} optimizer parameter(s) are not parameters of the given model; pass the model the "
+            "optimizer was built on (unwrap DDP/PEFT wrappers consistently at save and load)"
+        )
+    return names
+
+
+def _groups_json(optimizer: torch.optim.Optimizer, names: dict[Tensor, str]) -> list[dict]:
+    groups = []
+    for gi, g in enumerate(optimizer.param_groups):
+        hyper = {k: _jsonable(v, f"param_groups[{gi}].{k}") for k, v in g.items() if k not in ("params", "param_names")}
+        hyper["params"] = [names[p] for p in g["params"]]
+        groups.append(hyper)
+    return groups
+
+
+def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """DCP entries for a ShardedAdamW's owned ranges (views into its flat state: no copies), and the per-param
+    JSON description."""
+    opt._init_state()
+    entries: dict[str, Any] = {}
+    desc: dict[str, dict] = {}
+    for bucket in opt.engine.buckets:
+        for i, p in enumerate(bucket.params):
+            fqn = names[p]
+            s = bucket.layout.slots[i]
+            kinds = {"exp_avg": bucket.exp_avg, "exp_avg_sq": bucket.exp_avg_sq}
+            if bucket.master is not None:
+                kinds["master"] = bucket.master
+            for kind, flat in kinds.items():
+                local = bucket.shard_view(flat, i)
+                entries[f"optim/{fqn}/{kind}"] = _Range(local, s.own_lo, s.numel)
+            entries[f"optim/{fqn}/step"] = opt.state[p]["step"]
+            desc[fqn] = {
+                "shape": list(p.shape),
+                "dtype": _dtype_name(p.dtype),
+                "state": sorted(kinds),
+                "state_dtype": _dtype_name(bucket.state_dtype),
+                "master_dtype": _dtype_name(bucket.master.dtype) if bucket.master is not None else None,
+            }
+    return entries, desc
+
+
+def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Any torch.optim optimizer: per-param state tensors (replicated) under the same keys."""
+    entries: dict[str, Any] = {}
+    desc: dict[str, dict] = {}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            st = opt.state.get(p, {})
+            fqn = names[p]
+            kinds = {}
+            for k, v in st.items():
+                if isinstance(v, Tensor) and (v.shape == p.shape or k == "step"):
+                    entries[f"optim/{fqn}/{k}"] = v.detach().reshape(-1) if k != "step" else v.detach().reshape(())
+                    if k != "step":
+                        kinds[k] = _dtype_name(v.dtype)
+                elif k == "step":
+                    entries[f"optim/{fqn}/step"] = torch.tensor(float(v), dtype=torch.float32)
+                else:
+                    raise TypeError(f"optimizer state {k!r} of {fqn} is not a tensor of the parameter's shape")
+            if st:
+                desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "state": sorted(kinds),
+                             "state_dtype": next(iter(kinds.values()), _dtype_name(p.dtype)), "master_dtype": None}
+    return entries, desc
+
+
+# ------------------------------------------------------------------------------------------------ integrity
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            if not chunk:
+                return crc
+            crc = zlib.crc32(chunk, crc)
+
+
+def _file_table(directory: str, names: list[str]) -> dict[str, dict[str, int]]:
+    return {n: {"size": os.path.getsize(os.path.join(directory, n)), "crc32": _crc32(os.path.join(directory, n))} for n in names}
+
+
+def _verify_files(path: str, table: dict[str, dict[str, int]], share: tuple[int, int]) -> list[str]:
+    rank, world = share
+    problems = []
+    for k, (name, want) in enumerate(sorted(table.items())):
+        if k % world != rank:
+            continue
+        f = os.path.join(path, name)
+        if not os.path.exists(f):
+            problems.append(f"{name}: missing")
+            continue
+        size = os.path.getsize(f)
+        if size != want["size"]:
+            problems.append(f"{name}: {size} bytes, expected {want['size']} (truncated or overwritten)")
+        elif _crc32(f) != want["crc32"]:
+            problems.append(f"{name}: CRC-32 mismatch (corrupt)")
+    return problems
+
+
+def _read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(
+            f"{path} is not a complete zeroadamw checkpoint ({META_FILE} is missing: the save did not finish, "
+            "or this is not our checkpoint)"
+        )
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path} is unreadable or corrupt: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} is not a zeroadamw checkpoint description")
+    if meta.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer zeroadamw (format {meta['version']} > {VERSION})")
+    return meta
+
+
+def _recover(path: str) -> None:
+    """Finish a swap that a crash interrupted: ``path`` missing but a complete old/new copy beside it."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return
+    parent, name = os.path.split(path)
+    if not os.path.isdir(parent):
+        return
+    for prefix in (f".{name}.old-", f".{name}.tmp-"):
+        for cand in sorted(os.listdir(parent)):
+            full = os.path.join(parent, cand)
+            if cand.startswith(prefix) and os.path.exists(os.path.join(full, META_FILE)):
+                os.rename(full, path)
+                warnings.warn(f"zeroadamw: recovered checkpoint {path} from {cand} (an interrupted save)")
+                return
+
+
+# -------------------------------------------------------------------------------------------------- save
+def save(
+    path: str | os.PathLike,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    extra: dict | None = None,
+) -> None:
+    """Write a checkpoint of ``model``, ``optimizer``, ``scheduler`` and ``extra`` to ``path``, atomically.
+
+    A collective when ``torch.distributed`` is initialised (every rank calls it with the same path); works in one
+    process without it. Each rank writes only the optimizer state it owns. ``extra``: JSON-serialisable values
+    and tensors (rank 0's copy is saved), returned by :func:`load`.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    if model is None and optimizer is None:
+        raise ValueError("nothing to save: pass model= and/or optimizer=")
+    state: dict[str, Any] = {}
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "world_size": dist.get_world_size() if _dist() else 1,
+                            "created": time.time(), "model": None, "optimizer": None, "scheduler": None}
+    if model is not None:
+        tensors = {}
+        for k, t in model.state_dict().items():
+            if not isinstance(t, Tensor):
+                raise TypeError(f"model state {k!r} is not a tensor")
+            state[f"model/{k}"] = t.detach()
+            tensors[k] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        meta["model"] = {"tensors": tensors}
+    if optimizer is not None:
+        names = _param_names(model, optimizer)
+        if isinstance(optimizer, ShardedAdamW):
+            entries, desc = _sharded_entries(optimizer, names)
+            kind = "ShardedAdamW"
+        else:
+            entries, desc = _plain_entries(optimizer, names)
+            kind = type(optimizer).__name__
+        state.update(entries)
+        steps = [float(v) for k, v in entries.items() if k.endswith("/step")]
+        meta["optimizer"] = {"class": kind, "param_groups": _groups_json(optimizer, names), "params": desc,
+                             "max_step": max(steps, default=0.0)}
+        if isinstance(optimizer, ShardedAdamW):
+            meta["optimizer"].update(stage=optimizer.stage, bucket_size=optimizer.bucket_size,
+                                     master_dtype=_dtype_name(optimizer.master_dtype) if optimizer.master_dtype else None)
+    if scheduler is not None:
+        meta["scheduler"] = _jsonable(scheduler.state_dict(), "scheduler.state_dict()")
+    if extra is not None:
+        extra_tensors: dict[str, Tensor] = {}
+        meta["extra"] = _split_extra(extra, "", extra_tensors)
+        if _rank() == 0:  # rank 0's extra is the one saved (JSON and tensors alike)
+            state.update(extra_tensors)
+
+    token = _broadcast_obj(uuid.uuid4().hex[:12] if _rank() == 0 else None)
+    tmp = os.path.join(parent, f".{name}.tmp-{token}")
+    if _rank() == 0:
+        os.makedirs(parent, exist_ok=True)
+        _recover(path)
+        for stale in os.listdir(parent):  # leftovers of crashed saves of this checkpoint
+            if stale.startswith((f".{name}.tmp-", f".{name}.old-")):
+                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    writer = dcp.FileSystemWriter(tmp, sync_files=True)
+    _quiet(dcp.save, state, storage_writer=writer, planner=_SavePlanner(), no_dist=not _dist())
+    _barrier()  # every rank's files are complete (and fsynced) and DCP's metadata is written
+    if _rank() == 0:
+        files = sorted(f for f in os.listdir(tmp) if f != META_FILE)
+        meta["files"] = _file_table(tmp, files)
+        with open(os.path.join(tmp, META_FILE + ".part"), "w") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(tmp, META_FILE + ".part"), os.path.join(tmp, META_FILE))
+        old = None
+        if os.path.exists(path):
+            old = os.path.join(parent, f".{name}.old-{token}")
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -------------------------------------------------------------------------------------------------- load
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise CheckpointError(msg)
+
+
+def _validate(path: str, meta: dict, model, optimizer, names) -> None:
+    if model is not None:
+        _check(meta.get("model") is not None, f"{path} has no model state; pass model=None")
+        saved = meta["model"]["tensors"]
+        current = {k: t for k, t in model.state_dict().items()}
+        missing = sorted(set(saved) - set(current))
+        unexpected = sorted(set(current) - set(saved))
+        _check(not missing and not unexpected,
+               f"{path}: the model's tensors differ from the checkpoint's -- in the checkpoint only: "
+               f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; in the model only: "
+               f"{unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        for k, t in current.items():
+            _check(list(t.shape) == saved[k]["shape"],
+                   f"{path}: {k} has shape {tuple(saved[k]['shape'])} in the checkpoint, {tuple(t.shape)} in the model")
+    if optimizer is not None:
+        om = meta.get("optimizer")
+        _check(om is not None, f"{path} holds no optimizer state; pass optimizer=None to load the model only "
+                               "(the optimizer then starts fresh -- usually a mistake when resuming)")
+        groups = om["param_groups"]
+        _check(len(groups) == len(optimizer.param_groups),
+               f"{path}: {len(groups)} param groups in the checkpoint, {len(optimizer.param_groups)} in the optimizer")
+        for gi, (g, sg) in enumerate(zip(optimizer.param_groups, groups)):
+            cur = [names[p] for p in g["params"]]
+            if cur != sg["params"]:
+                only_ckpt = sorted(set(sg["params"]) - set(cur))[:5]
+                only_opt = sorted(set(cur) - set(sg["params"]))[:5]
+                raise CheckpointError(
+                    f"{path}: param group {gi} lists different parameters (checkpoint only: {only_ckpt}, optimizer "
+                    f"only: {only_opt}, or a different order); build the optimizer with the groups it was saved with")
+        if isinstance(optimizer, ShardedAdamW):
+            from .sharded_adamw import _validate_hyper
+
+            for gi, (g, sg) in enumerate(zip(optimizer.param_groups, groups)):
+                merged = dict(g)
+                merged.update({k: _unjson(v) for k, v in sg.items() if k != "params"})
+                if isinstance(merged.get("betas"), list):
+                    merged["betas"] = tuple(merged["betas"])
+                try:
+                    _validate_hyper(merged, f" (param group {gi} of {path})")
+                except (TypeError, ValueError) as e:
+                    raise CheckpointError(str(e)) from e
+        for g in optimizer.param_groups:
+            for p in g["params"]:
+                d = om["params"].get(names[p])
+                if d is not None:
+                    _check(list(p.shape) == d["shape"],
+                           f"{path}: optimizer state of {names[p]} has shape {tuple(d['shape'])}, the param {tuple(p.shape)}")
+
+
+def load(
+    path: str | os.PathLike,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    *,
+    verify: bool = True,
+) -> Any:
+    """Load a checkpoint written by :func:`save` (at any world size and bucket size) in place; return ``extra``.
+
+    A collective when ``torch.distributed`` is initialised. Restores the model *and* the optimizer; with
+    ``optimizer=None`` while the checkpoint holds optimizer state, the model's params are marked so that a
+    ShardedAdamW starting fresh on them warns. ``verify=False`` skips the CRC-32 check (sizes are always checked).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if _rank() == 0:
+        _recover(path)
+    _barrier()
+    meta = _read_meta(path)
+    names = _param_names(model, optimizer) if optimizer is not None else None
+    _validate(path, meta, model, optimizer, names)
+    share = (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
+    table = meta.get("files") or {}
+    _check(bool(table), f"{path}/{META_FILE} lists no files")
+    if verify:
+        problems = _verify_files(path, table, share)
+    else:
+        problems = [f"{n}: size differs" for n, w in table.items()
+                    if not os.path.exists(os.path.join(path, n)) or os.path.getsize(os.path.join(path, n)) != w["size"]]
+    problems = [p for ps in _all_gather_obj(problems) for p in ps]
+    if problems:
+        raise CheckpointError(f"{path} is damaged: " + "; ".join(sorted(set(problems))))
+
+    dest: dict[str, Any] = {}
+    if model is not None:
+        for k, t in model.state_dict().items():
+            dest[f"model/{k}"] = t
+    opt_meta = meta.get("optimizer")
+    fill_master: list = []
+    if optimizer is not None:
+        if isinstance(optimizer, ShardedAdamW):
+            entries, desc = _sharded_entries(optimizer, names)
+            for fqn, d in desc.items():
+                saved = opt_meta["params"].get(fqn)
+                if saved is None or "master" not in saved["state"]:
+                    entries.pop(f"optim/{fqn}/master", None)
+                    if "master" in d["state"]:
+                        fill_master.append(fqn)
+                if saved is None:  # trainable now, had no state then: fresh
+                    for kind in ("exp_avg", "exp_avg_sq", "step"):
+                        entries.pop(f"optim/{fqn}/{kind}", None)
+            dest.update(entries)
+        else:
+            plain = _plain_dests(optimizer, names, opt_meta)
+            dest.update(plain)
+    if meta.get("extra") is not None:
+        extra_dest: dict[str, Tensor] = {}
+        _extra_dests(meta["extra"], extra_dest)
+        dest.update(extra_dest)
+    try:  # DCP reads each chunk on the CPU and copies it into the destination (any device), in place
+        _quiet(dcp.load, dest, storage_reader=dcp.FileSystemReader(path), planner=_LoadPlanner(), no_dist=not _dist())
+    except Exception as e:  # noqa: BLE001 - name the checkpoint in whatever DCP raised
+        raise CheckpointError(f"{path}: reading the checkpoint failed: {type(e).__name__}: {e}") from e
+
+    if optimizer is not None:
+        _apply_hyper(optimizer, opt_meta)
+        if isinstance(optimizer, ShardedAdamW):
+            by_name = {names[p]: p for g in optimizer.param_groups for p in g["params"]}
+            for fqn in fill_master:
+                p = by_name[fqn]
+                bucket, i = optimizer.engine.where[p]
+                bucket.shard_view(bucket.master, i).copy_(bucket.owned_param_view(i))
+            for fqn, p in by_name.items():
+                if p in optimizer.engine.where and fqn not in opt_meta["params"]:
+                    bucket, i = optimizer.engine.where[p]
+                    optimizer.state[p]["step"].zero_()
+                    bucket.shard_view(bucket.exp_avg, i).zero_()
+                    bucket.shard_view(bucket.exp_avg_sq, i).zero_()
+        else:
+            _apply_plain(optimizer, names, opt_meta, dest)
+        if model is not None:
+            for p in model.parameters():
+                if hasattr(p, RESUMED_ATTR):
+                    delattr(p, RESUMED_ATTR)
+    elif model is not None and opt_meta is not None and opt_meta.get("max_step", 0) > 0:
+        for p in model.parameters():
+            setattr(p, RESUMED_ATTR, opt_meta["max_step"])
+    if scheduler is not None:
+        _check(meta.get("scheduler") is not None, f"{path} holds no scheduler state; pass scheduler=None")
+        scheduler.load_state_dict(_unjson(meta["scheduler"]))
+    if meta.get("extra") is None:
+        return None
+    return _join_extra(meta["extra"], {k: dest[k] for k in dest if k.startswith("extra/")})
+
+
+def _apply_hyper(optimizer: torch.optim.Optimizer, opt_meta: dict) -> None:
+    for g, sg in zip(optimizer.param_groups, opt_meta["param_groups"]):
+        for k, v in sg.items():
+            if k == "params":
+                continue
+            v = _unjson(v)
+            if k == "betas" and isinstance(v, list):
+                v = tuple(v)
+            g[k] = v
+
+
+def _plain_dests(optimizer, names, opt_meta) -> dict[str, Tensor]:
+    dests: dict[str, Tensor] = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            d = opt_meta["params"].get(names[p])
+            if d is None:
+                continue
+            for kind in d["state"]:
+                dests[f"optim/{names[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(d["state_dtype"]))
+            dests[f"optim/{names[p]}/step"] = torch.zeros((), dtype=torch.float32)
+    return dests
+
+
+def _apply_plain(optimizer, names, opt_meta, loaded) -> None:
+    """Build a torch-format state dict from what was read and hand it to ``optimizer.load_state_dict``."""
+    state = {}
+    index = 0
+    groups = []
+    for g, sg in zip(optimizer.param_groups, opt_meta["param_groups"]):
+        ids = []
+        for p in g["params"]:
+            d = opt_meta["params"].get(names[p])
+            if d is not None:
+                st = {kind: loaded[f"optim/{names[p]}/{kind}"].view(p.shape) for kind in d["state"]}
+                st["step"] = loaded[f"optim/{names[p]}/step"]
+                state[index] = st
+            ids.append(index)
+            index += 1
+        groups.append({**{k: (tuple(v) if k == "betas" else _unjson(v)) for k, v in sg.items() if k != "params"},
+                       "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------------------------- export
+def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *, verify: bool = True) -> dict[str, str]:
+    """Offline, one process, bounded memory: write ``out_dir/optimizer.pt`` (a ``torch.optim.AdamW`` state dict,
+    loadable with ``weights_only=True``) and ``out_dir/model.safetensors`` from a checkpoint of any world size.
+
+    Tensors are read from the checkpoint one at a time and streamed to the output files, so peak memory is about
+    one parameter's state, not the whole state (measured in benchmarks/checkpoint_memory.py).
+    """
+    from ._streaming import SafetensorsStreamWriter, TorchSaveStreamWriter
+
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
+    out_dir = os.fspath(out_dir)
+    _recover(ckpt_dir)
+    meta = _read_meta(ckpt_dir)
+    if verify:
+        problems = _verify_files(ckpt_dir, meta.get("files") or {}, (0, 1))
+        if problems:
+            raise CheckpointError(f"{ckpt_dir} is damaged: " + "; ".join(problems))
+    os.makedirs(out_dir, exist_ok=True)
+    reader_path = ckpt_dir
+    out: dict[str, str] = {}
+
+    def read(key: str, shape: list[int], dtype: torch.dtype) -> Tensor:
+        t = torch.empty(shape, dtype=dtype) if key.endswith("/step") or not key.startswith("optim/") else torch.empty(
+            math.prod(shape), dtype=dtype)
+        _quiet(dcp.load, {key: t}, storage_reader=dcp.FileSystemReader(reader_path), planner=_LoadPlanner(), no_dist=True)
+        return t
+
+    if meta.get("model") is not None:
+        tensors = meta["model"]["tensors"]
+        path = os.path.join(out_dir, "model.safetensors")
+        with SafetensorsStreamWriter(path, {k: (v["shape"], _dtype(v["dtype"])) for k, v in tensors.items()},
+                                     metadata={"format": "pt"}) as w:
+            for k, v in tensors.items():
+                w.write(k, read(f"model/{k}", v["shape"], _dtype(v["dtype"])))
+        out["model"] = path
+    om = meta.get("optimizer")
+    if om is not None:
+        path = os.path.join(out_dir, "optimizer.pt")
+        with TorchSaveStreamWriter(path) as w:
+            state = {}
+            index = 0
+            groups = []
+            for sg in om["param_groups"]:
+                ids = []
+                for fqn in sg["params"]:
+                    d = om["params"].get(fqn)
+                    if d is not None:
+                        step = read(f"optim/{fqn}/step", [], torch.float32)
+                        if float(step) > 0:
+                            entry = {"step": w.tensor(step)}
+                            for kind in d["state"]:
+                                dtype = _dtype(d["master_dtype"] if kind == "master" else d["state_dtype"])
+                                t = read(f"optim/{fqn}/{kind}", d["shape"], dtype).view(d["shape"])
+                                entry[kind] = w.tensor(t)
+                                del t
+                            state[index] = entry
+                    ids.append(index)
+                    index += 1
+                groups.append({**{k: (tuple(v) if k == "betas" else _unjson(v)) for k, v in sg.items() if k != "params"},
+                               "params": ids})
+            w.finish({"state": state, "param_groups": groups})
+        out["optimizer"] = path
+    return out
