@@ -91,18 +91,17 @@ def crash_while_saving(rank, world, root):
     if rank == world - 1:
         import torch.distributed.checkpoint.filesystem as fs
 
-        original = fs.FileSystemWriter.write_data
+        original = fs._write_item
+        written = [0]
 
-        def dying_write_data(self, plan, planner):
-            os._exit(17)  # the process is killed while writing its shard
+        def write_then_die(*args, **kwargs):
+            if written[0] == 1:
+                os._exit(17)  # killed in the middle of writing its shard: one item is on disk, the rest is not
+            written[0] += 1
+            return original(*args, **kwargs)
 
-        fs.FileSystemWriter.write_data = dying_write_data
-        try:
-            ck.save(path, model=model, optimizer=opt, scheduler=sched, extra={"step": 4})
-        finally:
-            fs.FileSystemWriter.write_data = original
-    else:
-        ck.save(path, model=model, optimizer=opt, scheduler=sched, extra={"step": 4})
+        fs._write_item = write_then_die
+    ck.save(path, model=model, optimizer=opt, scheduler=sched, extra={"step": 4})
     return "unreachable"
 
 

@@ -123,3 +123,32 @@ def test_n_ranks_vs_one_process_on_the_whole_batch(model):
         worst = max(workers.rel_err(a, b) for a, b in zip(many, one))
         print(f"{model} N={n}: max rel diff vs one process {worst:.2e}")
         assert worst <= (1e-6 if model == "mlp" else 2e-6), worst
+
+
+def test_gradient_arriving_twice_is_an_agreed_error():
+    msgs = run(workers.reentrant_double_landing, 2, timeout=120)
+    assert all("use_reentrant=False" in m for m in msgs)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bad_gradient_on_one_rank_raises_on_every_rank(stage):
+    assert all(run(workers.bad_grad_on_one_rank, 2, stage, timeout=120))
+
+
+def test_grad_scaler_hidden_behind_a_wrapper_is_refused_clearly():
+    assert all(run(workers.hidden_grad_scaler_refused, 2, timeout=120))
+
+
+def test_a_bucket_that_does_not_fill_moves_to_the_end():
+    peaks, grad_bytes = run(workers.sometimes_unused_param, 2, timeout=300)[0]
+    # step 1 (gate unused) holds everything behind the gate's bucket; from step 3 on the gate's bucket launches last
+    assert max(peaks[3:]) < grad_bytes / 2, (peaks, grad_bytes)
+
+
+def test_a_backward_that_raised_does_not_corrupt_the_next_steps():
+    worst = run(workers.backward_fails_midway, 2, timeout=120)
+    assert max(worst) <= 1e-6
+
+
+def test_different_group_counts_are_refused_not_hung():
+    assert all(run(workers.group_count_mismatch, 2, timeout=60))

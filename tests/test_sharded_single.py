@@ -326,12 +326,12 @@ def test_bad_params():
         ShardedAdamW([lin.weight, "bias"])
 
 
-def test_sparse_gradient_points_to_sparse_adamw():
+def test_sparse_gradient_is_refused():
     emb = nn.Embedding(10, 4, sparse=True)
     opt = ShardedAdamW(emb.parameters())
     emb(torch.tensor([1, 2])).sum().backward()
     before = emb.weight.detach().clone()
-    with pytest.raises(TypeError, match="SparseAdamW"):
+    with pytest.raises(TypeError, match="sparse gradient"):
         opt.step()
     assert torch.equal(emb.weight, before)
 
@@ -384,3 +384,130 @@ def test_closure_and_zero_grad():
     assert isinstance(loss, torch.Tensor) and opt.grad_norm > 0
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_add_param_group_after_the_first_step():
+    torch.manual_seed(0)
+    model = MLP()
+    head = nn.Linear(7, 3)
+    ref_model, ref_head = copy.deepcopy(model), copy.deepcopy(head)
+    opt = ShardedAdamW(model.parameters(), lr=1e-2, impl="reference")
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    for step in range(6):
+        if step == 3:
+            opt.add_param_group({"params": head.parameters(), "lr": 5e-3})
+            ref.add_param_group({"params": ref_head.parameters(), "lr": 5e-3})
+        for m, h, o in ((model, head, opt), (ref_model, ref_head, ref)):
+            out = m(mlp_batch(step, 0)[0])
+            (h(out).pow(2).mean() if step >= 3 else out.pow(2).mean()).backward()
+            o.step()
+            o.zero_grad()
+    for p, q in zip(list(model.parameters()) + list(head.parameters()),
+                    list(ref_model.parameters()) + list(ref_head.parameters())):
+        assert torch.equal(p, q)
+
+
+def test_independent_decay_uses_the_schedule_peak():
+    """OneCycleLR stores its *starting* lr (max_lr / div_factor) in initial_lr and the peak in max_lr: the
+    'independent' decay must divide by the peak, so that at the peak the decay is exactly wd."""
+    w = nn.Parameter(torch.ones(4))
+    opt = ShardedAdamW([w], lr=1e-2, weight_decay=0.1, decay="independent")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, pct_start=0.3)
+    for _ in range(2):  # reach the peak (step 0.3 * 10 - 1 = 2)
+        w.grad = torch.zeros(4)
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2)
+    before = w.detach().clone()
+    w.grad = torch.zeros(4)
+    opt.step()
+    torch.testing.assert_close(w.detach(), before * (1 - 0.1), rtol=1e-6, atol=0)
+    # a tensor lr is copied into initial_lr, not aliased (a scheduler's in-place update would move both)
+    v = nn.Parameter(torch.ones(2))
+    lr = torch.tensor(1e-2)
+    o2 = ShardedAdamW([v], lr=lr, decay="independent")
+    assert o2.param_groups[0]["initial_lr"] is not o2.param_groups[0]["lr"]
+
+
+def test_weights_changed_before_the_first_step_are_not_reverted_by_the_master():
+    """accelerate's prepare() round-trips state_dict/load_state_dict before training; weights loaded after that
+    (adapters, a re-initialised head) must survive the first step of a bf16 model with fp32 master."""
+    torch.manual_seed(0)
+    model = MLP().to(torch.bfloat16)
+    opt = ShardedAdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    opt.load_state_dict(opt.state_dict())
+    with torch.no_grad():
+        model.fc1.weight.fill_(1.0)
+    model.loss(mlp_batch(0, 0, dtype=torch.bfloat16)).backward()
+    opt.step()
+    assert torch.all(model.fc1.weight == 1.0)
+
+
+def test_resume_warning_survives_a_state_dict_round_trip(tmp_path):
+    from zeroadamw import checkpoint as ck
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = ShardedAdamW(model.parameters())
+    model.loss(mlp_batch(0, 0)).backward()
+    opt.step()
+    ck.save(tmp_path / "c", model=model, optimizer=opt)
+    m2 = MLP()
+    ck.load(tmp_path / "c", model=m2)
+    fresh = ShardedAdamW(m2.parameters())
+    fresh.load_state_dict(fresh.state_dict())  # what accelerate.prepare does
+    m2.loss(mlp_batch(1, 0)).backward()
+    with pytest.warns(UserWarning, match="FRESH state"):
+        fresh.step()
+
+
+def test_unsupported_torch_flags_are_refused_on_load():
+    lin = nn.Linear(3, 3)
+    torch_opt = torch.optim.AdamW(lin.parameters(), amsgrad=True)
+    lin(torch.randn(2, 3)).sum().backward()
+    torch_opt.step()
+    opt = ShardedAdamW(lin.parameters())
+    with pytest.raises(ValueError, match="amsgrad"):
+        opt.load_state_dict(torch_opt.state_dict())
+
+
+def test_grad_scaler_through_a_wrapper_that_hides_the_argument():
+    """GradScaler's newer contract (grad_scale set on the optimizer, step() called without the scaler), as when
+    accelerate wraps step(): fine in one process -- the scaler's own inf check saw the same gradients."""
+    torch.manual_seed(0)
+    model = MLP().to(torch.float16)
+    twin = copy.deepcopy(model)
+    opt = ShardedAdamW(model.parameters(), lr=1e-3)
+    opt2 = ShardedAdamW(twin.parameters(), lr=1e-3)
+    inner = opt2.step
+
+    def hidden(*args, **kwargs):  # no grad_scaler in the signature
+        return inner(*args, **kwargs)
+
+    opt2.step = hidden
+    s1 = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+    s2 = torch.amp.GradScaler("cpu", init_scale=2.0**20, growth_interval=2)
+    for step in range(8):
+        batch = mlp_batch(step, 0, dtype=torch.float16)
+        for m, o, s in ((model, opt, s1), (twin, opt2, s2)):
+            s.scale(m.loss(batch)).backward()
+            s.step(o)
+            s.update()
+            o.zero_grad()
+        assert s1.get_scale() == s2.get_scale()
+        assert opt.grad_norm == pytest.approx(opt2.grad_norm, rel=1e-6, nan_ok=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_second_optimizer_on_the_same_params_after_the_first_is_gone():
+    import gc
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = ShardedAdamW(model.parameters())
+    del opt
+    gc.collect()
+    opt = ShardedAdamW(model.parameters())
+    model.loss(mlp_batch(0, 0)).backward()
+    opt.step()
+    assert opt.grad_norm > 0

@@ -415,3 +415,128 @@ def free_running(rank, world_size, model_name, steps, batches_per_rank):
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def expect_error(fn, exc_type, match):
+    try:
+        fn()
+    except exc_type as e:
+        assert match in str(e), str(e)
+        return str(e)
+    raise AssertionError(f"expected {exc_type.__name__} matching {match!r}")
+
+
+def reentrant_double_landing(rank, world_size):
+    """A trainable param used inside a reentrant checkpoint and outside it gets its gradient twice in one backward,
+    after its bucket was reduced: every rank raises the same clear error (no hang, no silent loss)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    other = torch.nn.Linear(8, 8)
+    opt = ShardedAdamW(list(lin.parameters()) + list(other.parameters()), stage=2, bucket_size=10**6)
+    x = torch.randn(4, 8, requires_grad=True)
+    h = checkpoint(lambda t: lin(t), x, use_reentrant=True)
+    (other(h) + lin(h)).sum().backward()
+    msg = expect_error(opt.step, RuntimeError, "use_reentrant=False")
+    # the optimizer is usable afterwards
+    (other(lin(x))).sum().backward()
+    opt.step()
+    assert_ranks_identical(list(lin.parameters()) + list(other.parameters()))
+    return msg
+
+
+def bad_grad_on_one_rank(rank, world_size, stage):
+    torch.manual_seed(0)
+    model = MLP()
+    opt = ShardedAdamW(model.parameters(), stage=stage, bucket_size=64)
+    before = [p.detach().clone() for p in model.parameters()]
+    # stage 2 consumes gradients in backward; under no_sync they stay in param.grad until step() packs them
+    with opt.no_sync():
+        model.loss(mlp_batch(0, rank)).backward()
+    if rank == 1:
+        model.fc1.weight.grad.data = torch.zeros(3)  # .data bypasses torch's own check
+    msg = expect_error(opt.step, ValueError, "shape")
+    assert "rank 1" in msg
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    return True
+
+
+def hidden_grad_scaler_refused(rank, world_size):
+    torch.manual_seed(0)
+    model = MLP().to(torch.float16)
+    opt = ShardedAdamW(model.parameters(), stage=2, bucket_size=64)
+    inner = opt.step
+    opt.step = lambda *a, **k: inner(*a, **k)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model.loss(mlp_batch(0, rank, dtype=torch.float16))).backward()
+    expect_error(lambda: scaler.step(opt), RuntimeError, "without passing itself")
+    return True
+
+
+def sometimes_unused_param(rank, world_size):
+    """A param in the first bucket to fill is unused every other step: its bucket can't launch until the end of
+    those backwards, holding every bucket behind it. After the first such step it moves to the end of the order."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    gate = torch.nn.Parameter(torch.ones(()))
+    params = [p for p in model.parameters() if p.requires_grad] + [gate]  # reversed: gate in the first bucket
+    opt = ShardedAdamW(params, stage=2, bucket_size=2500)
+    peaks = []
+    for step in range(6):
+        opt.engine.reset_peak()
+        loss = llama_loss(model, llama_batch(step, rank))
+        if step % 2 == 0:
+            loss = loss * gate
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        peaks.append(opt.engine.peak_full_bytes)
+        assert_ranks_identical(params)
+    grad_bytes = sum(p.numel() * 4 for p in params)
+    return peaks, grad_bytes
+
+
+def backward_fails_midway(rank, world_size):
+    """A backward that raises halfway (an OOM, say) on every rank, then zero_grad(): the next steps are exact."""
+    torch.manual_seed(0)
+    model = MLP()
+    ref_model = clone_model(model)
+    opt = ShardedAdamW(model.parameters(), stage=2, bucket_size=64)
+    ref = torch.optim.AdamW(ref_model.parameters(), foreach=False)
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise MemoryError("simulated OOM")
+
+    out = model(mlp_batch(0, rank)[0])
+    loss = (Boom.apply(out[:, :2]).sum() + out.pow(2).sum())
+    try:
+        loss.backward()
+    except MemoryError:
+        pass
+    opt.zero_grad()
+    worst = 0.0
+    for step in range(1, 5):
+        model.loss(mlp_batch(step, rank)).backward()
+        applied = averaged_grads(opt, list(model.parameters()))
+        opt.step()
+        opt.zero_grad()
+        for q, g in zip(ref_model.parameters(), applied):
+            q.grad = g
+        ref.step()
+        ref.zero_grad()
+        worst = max(worst, max(rel_err(p, q) for p, q in zip(model.parameters(), ref_model.parameters())))
+    return worst
+
+
+def group_count_mismatch(rank, world_size):
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    groups = [{"params": [a, b]}] if rank == 0 else [{"params": [a]}, {"params": [b]}]
+    expect_error(lambda: ShardedAdamW(groups), ValueError, "different parameter layouts")
+    return True

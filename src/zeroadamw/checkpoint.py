@@ -110,6 +110,40 @@ class _SavePlanner(DefaultSavePlanner):
         return obj.local if isinstance(obj, _Range) else super().lookup_object(index)
 
 
+class _BoundedWriter(dcp.FileSystemWriter):
+    """DCP's file writer, but a rank's items are split into files of at most ``max_file_bytes``.
+
+    DCP copies a tensor that is a view (our shards are views into flat buffers) and keeps every copy of a file
+    until the file is closed; one file per rank would hold a copy of the rank's whole shard. Files of bounded
+    size bound that transient memory."""
+
+    def __init__(self, path: str, max_file_bytes: int) -> None:
+        super().__init__(path, single_file_per_rank=True, sync_files=True)
+        self.max_file_bytes = max_file_bytes
+
+    def write_data(self, plan, planner):
+        import queue
+
+        from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
+
+        groups: list[list] = [[]]
+        size = 0
+        for item in plan.items:
+            n = 0
+            if item.tensor_data is not None:
+                n = math.prod(item.tensor_data.chunk.sizes) * torch.empty((), dtype=item.tensor_data.properties.dtype).element_size()
+            if groups[-1] and size + n > self.max_file_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(item)
+            size += n
+        file_queue: queue.Queue = queue.Queue()
+        for k, items in enumerate(g for g in groups if g):
+            name = f"{plan.storage_data.prefix}{k}{DEFAULT_SUFFIX}"
+            file_queue.put((self.fs.concat_path(self.path, name), name, items))
+        return self._write_data(planner, file_queue)
+
+
 class _LoadPlanner(DefaultLoadPlanner):
     def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
         # DCP's _init_state_dict replaces values it does not know (our _Range) with None: keep them out of it
@@ -397,12 +431,15 @@ def save(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any = None,
     extra: dict | None = None,
+    *,
+    max_file_bytes: int = 2**26,
 ) -> None:
     """Write a checkpoint of ``model``, ``optimizer``, ``scheduler`` and ``extra`` to ``path``, atomically.
 
     A collective when ``torch.distributed`` is initialised (every rank calls it with the same path); works in one
-    process without it. Each rank writes only the optimizer state it owns. ``extra``: JSON-serialisable values
-    and tensors (rank 0's copy is saved), returned by :func:`load`.
+    process without it. Each rank writes only the optimizer state it owns, in files of at most
+    ``max_file_bytes`` (default 64 MiB; DCP holds a CPU copy of one file's tensors while writing it).
+    ``extra``: JSON-serialisable values and tensors (rank 0's copy is saved), returned by :func:`load`.
     """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
@@ -452,7 +489,7 @@ def save(
                 shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    writer = dcp.FileSystemWriter(tmp, sync_files=True)
+    writer = _BoundedWriter(tmp, max_file_bytes)
     _quiet(dcp.save, state, storage_writer=writer, planner=_SavePlanner(), no_dist=not _dist())
     _barrier()  # every rank's files are complete (and fsynced) and DCP's metadata is written
     if _rank() == 0:
@@ -610,16 +647,20 @@ def load(
         _apply_hyper(optimizer, opt_meta)
         if isinstance(optimizer, ShardedAdamW):
             by_name = {names[p]: p for g in optimizer.param_groups for p in g["params"]}
-            for fqn in fill_master:
-                p = by_name[fqn]
-                bucket, i = optimizer.engine.where[p]
-                bucket.shard_view(bucket.master, i).copy_(bucket.owned_param_view(i))
+            for fqn, p in by_name.items():
+                if p in optimizer.engine.where and optimizer.engine.where[p][0].master is not None:
+                    if fqn in fill_master:  # no master in the checkpoint: take it from the (loaded) param
+                        optimizer._master_stale.add(p)
+                    else:
+                        optimizer._master_stale.discard(p)
             for fqn, p in by_name.items():
                 if p in optimizer.engine.where and fqn not in opt_meta["params"]:
                     bucket, i = optimizer.engine.where[p]
                     optimizer.state[p]["step"].zero_()
                     bucket.shard_view(bucket.exp_avg, i).zero_()
                     bucket.shard_view(bucket.exp_avg_sq, i).zero_()
+                    if bucket.master is not None:
+                        optimizer._master_stale.add(p)
         else:
             _apply_plain(optimizer, names, opt_meta, dest)
         if model is not None:

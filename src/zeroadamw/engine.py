@@ -66,6 +66,9 @@ class Bucket:
         self.state_dtype = master_dtype or self.dtype
         # backward-round bookkeeping (stage 2)
         self.full: Tensor | None = None  # padded flat gradient buffer, alive until its reduce-scatter is done
+        self.full_nbytes = self.layout.padded * torch.empty((), dtype=reduce_dtype).element_size()
+        self.launched = False  # reduce-scatter of this round started
+        self.flushed = False  # had to be sent at the end of a backward, unfilled, since the last step
         self.landed = [False] * len(params)
         self.pending = len(params)
         self.rs_out: Tensor | None = None
@@ -102,7 +105,6 @@ class Bucket:
         """Copy parameter ``i``'s gradient into the flat buffer (adds if it already landed this round)."""
         if self.full is None:
             self.full = self._alloc_full()
-            self._unlanded_zeroed = False
         s = self.layout.slots[i]
         dst = self.full[s.offset : s.offset + s.numel]
         if self.landed[i]:
@@ -128,6 +130,7 @@ class Bucket:
             self.full.div_(n)  # fp16: average before summing, as DDP does, so the sum cannot overflow
         self.rs_out = torch.empty(self.layout.shard, dtype=self.reduce_dtype, device=self.device)
         self.handle = self.comm.reduce_scatter(self.rs_out, self.full, async_op=True)
+        self.launched = True
 
     def finish(self) -> None:
         """Wait for the reduce-scatter, average, accumulate into ``shard_grad`` and free the full buffer."""
@@ -146,11 +149,13 @@ class Bucket:
     def reset_round(self) -> None:
         self.landed = [False] * len(self.params)
         self.pending = len(self.params)
+        self.launched = False
 
     def clear_grads(self) -> None:
         self.shard_grad = None
         self.full = self.rs_out = self.handle = None
         self.present = [False] * len(self.params)
+        self.flushed = False
         self.reset_round()
 
     # ------------------------------------------------------------------------------------------------- state
@@ -170,7 +175,7 @@ class Bucket:
     def to_device(self, device: torch.device) -> None:
         """Follow the parameters to another device (e.g. the model was moved after the optimizer was built)."""
         self.device = device
-        for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad"):
+        for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad", "full"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
@@ -180,25 +185,36 @@ class Bucket:
 
 
 class GradEngine:
-    """Gradient reduction for all buckets of one optimizer (see the module docstring)."""
+    """Gradient reduction for all buckets of one optimizer (see the module docstring).
+
+    Errors found on one rank (a bad gradient, a gradient that arrives twice) are *recorded*, not raised, while
+    collectives are in progress: the rank keeps taking part (contributing zeros), and ``step()`` raises on every
+    rank together after its control all-reduce. Raising on one rank alone would leave the others waiting forever.
+    """
 
     def __init__(self, stage: int, grads_reduced: bool, max_inflight: int = 2) -> None:
         self.stage = stage
         self.grads_reduced = grads_reduced
         self.max_inflight = max_inflight
-        self.buckets: list[Bucket] = []  # in launch order, identical on every rank
-        self.hooked_buckets: list[Bucket] = []  # the subset reduced during backward (stage 2, N > 1)
+        self.buckets: list[Bucket] = []  # update order
+        self.hooked_buckets: list[Bucket] = []  # launch order of the buckets reduced in backward; same on all ranks
         self.where: dict[Tensor, tuple[Bucket, int]] = {}
         self._hooks: list = []
+        self._finalizer = weakref.finalize(self, _remove_handles, self._hooks)
         self._no_sync = 0
         self._round_active = False
         self._next = 0
         self._inflight: deque[Bucket] = deque()
         self.rounds = 0  # backward passes reduced since the last step
+        self.errors: list[tuple[type, str]] = []
+        self.packed_at_step = False  # gradients were taken from param.grad at step() (GradScaler saw them)
         # Launch order: buckets are built in reverse parameter order, which matches backward only roughly (param
         # groups interleave). The first backward logs the order buckets actually fill on each rank; at the first
-        # step every rank adopts rank 0's log (as DDP rebuilds its buckets after the first iteration).
+        # step every rank adopts rank 0's log (as DDP rebuilds its buckets after the first iteration). Later, a
+        # bucket that had to be flushed at the end of a backward on any rank (a param without a gradient there)
+        # moves to the end of the order, so it stops holding back the buckets behind it.
         self._fill_log: list[Bucket] | None = []
+        self._order: list[int] | None = None
         self._reordered = False
         self._reduced = False  # reduce() ran and nothing arrived since: calling it again is a no-op
         # peak bytes of full-size gradient buffers alive at once (stage 2 memory claim, checked by tests)
@@ -229,9 +245,11 @@ class GradEngine:
         self.peak_full_bytes = self.full_bytes
 
     def remove_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        _remove_handles(self._hooks)
+
+    def error(self, exc_type: type, msg: str) -> None:
+        if (exc_type, msg) not in self.errors:
+            self.errors.append((exc_type, msg))
 
     # ------------------------------------------------------------------------------------------- no_sync()
     def enter_no_sync(self) -> None:
@@ -246,20 +264,38 @@ class GradEngine:
             return
         self._reduced = False
         bucket, i = self.where[p]
-        check_grad(p, p.grad)
+        grad = p.grad
+        if grad is None:
+            self.error(RuntimeError, "a gradient hook found param.grad already consumed: two optimizers are hooked on the same "
+                       "parameters (delete the old ShardedAdamW, or call old.engine.remove_hooks())")
+            return
+        if grad.device != bucket.device:
+            bucket.to_device(grad.device)  # the model moved after the optimizer was built (e.g. accelerate)
         if not self._round_active:
             self._round_active = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        if bucket.launched:
+            self.error(RuntimeError, "a parameter's gradient arrived twice in one backward, after its bucket was already "
+                       "reduced (a trainable param used both inside and outside a reentrant activation checkpoint?); "
+                       "use torch.utils.checkpoint with use_reentrant=False")
+            p.grad = None
+            return
+        problem = check_grad(p, grad)
+        if problem is not None:
+            self.error(*problem)
+            p.grad = None
+            return
         if bucket.full is None:
             self._track_alloc(bucket)
-        bucket.land(i, p.grad)
+        was_pending = bucket.pending
+        bucket.land(i, grad)
         p.grad = None
-        if bucket.pending == 0 and self._fill_log is not None:
+        if was_pending and bucket.pending == 0 and self._fill_log is not None:
             self._fill_log.append(bucket)
         self._launch_ready()
 
     def _track_alloc(self, bucket: Bucket) -> None:
-        self.full_bytes += bucket.layout.padded * torch.empty((), dtype=bucket.reduce_dtype).element_size()
+        self.full_bytes += bucket.full_nbytes
         self.peak_full_bytes = max(self.peak_full_bytes, self.full_bytes)
 
     def _launch(self, bucket: Bucket) -> None:
@@ -270,9 +306,8 @@ class GradEngine:
             self._finish(self._inflight.popleft())
 
     def _finish(self, bucket: Bucket) -> None:
-        nbytes = bucket.full.numel() * bucket.full.element_size()
         bucket.finish()
-        self.full_bytes -= nbytes
+        self.full_bytes -= bucket.full_nbytes
 
     def _launch_ready(self) -> None:
         hooked = self.hooked_buckets
@@ -285,39 +320,61 @@ class GradEngine:
         hooked = self.hooked_buckets
         for bucket in hooked[self._next :]:
             self._pack_leftovers(bucket)
+            bucket.flushed = bucket.flushed or bucket.pending > 0
             if bucket.full is None:
                 self._track_alloc(bucket)
             bucket.fill_missing()
             self._launch(bucket)
         self._drain()
-        for bucket in hooked:
-            bucket.reset_round()
-        self._next = 0
-        self._round_active = False
-        self.rounds += 1
+        self._end_round()
         if self._fill_log is not None:
             self._fill_log += [b for b in hooked if b not in self._fill_log]
             self._order = [hooked.index(b) for b in self._fill_log]
             self._fill_log = None
 
+    def _end_round(self) -> None:
+        for bucket in self.hooked_buckets:
+            bucket.reset_round()
+        self._next = 0
+        self._round_active = False
+        self.rounds += 1
+
     def _adopt_fill_order(self) -> None:
         """Once, at the first step after a backward: every rank launches buckets in rank 0's fill order."""
-        if self._reordered or self._fill_log is not None or not self.hooked_buckets:
+        if self._reordered or self._order is None or not self.hooked_buckets:
             return
+        n = len(self.hooked_buckets)
+        order = self._order + [i for i in range(n) if i not in self._order]  # buckets added since the log
         comm = self.hooked_buckets[0].comm
-        order = torch.tensor(self._order, dtype=torch.int64, device=_control_device(comm, self.hooked_buckets[0]))
-        comm.broadcast(order)
-        perm = order.tolist()
-        if sorted(perm) != list(range(len(self.hooked_buckets))):
-            raise RuntimeError(f"bucket order from rank 0 is not a permutation: {perm}")
+        t = torch.tensor(order, dtype=torch.int64, device=_control_device(comm, self.hooked_buckets[0]))
+        comm.broadcast(t)
+        perm = t.tolist()
+        if sorted(perm) != list(range(n)):
+            raise RuntimeError(f"bucket order from rank 0 is not a permutation of {n} buckets: {perm}")
         self.hooked_buckets = [self.hooked_buckets[i] for i in perm]
         self._reordered = True
+
+    def flushed_flags(self) -> list[float]:
+        """Per launch-order bucket: had to be sent at the end of a backward on this rank since the last step."""
+        return [float(b.flushed) for b in self.hooked_buckets]
+
+    def demote(self, flushed_anywhere: list[bool]) -> None:
+        """Move buckets that some rank had to flush to the end of the launch order (stable; same on all ranks)."""
+        if not any(flushed_anywhere) or all(flushed_anywhere):
+            return
+        keep = [b for b, f in zip(self.hooked_buckets, flushed_anywhere) if not f]
+        late = [b for b, f in zip(self.hooked_buckets, flushed_anywhere) if f]
+        self.hooked_buckets = keep + late
 
     def _pack_leftovers(self, bucket: Bucket) -> None:
         """Gradients left in ``param.grad`` (from backward passes run under ``no_sync()``) join this round."""
         for i, p in enumerate(bucket.params):
             if not bucket.landed[i] and p.grad is not None:
-                check_grad(p, p.grad)
+                problem = check_grad(p, p.grad)
+                if problem is not None:
+                    self.error(*problem)
+                    p.grad = None
+                    continue
                 if bucket.full is None:
                     self._track_alloc(bucket)
                 bucket.land(i, p.grad)
@@ -335,6 +392,10 @@ class GradEngine:
         """
         if self._reduced:
             return
+        for bucket in self.buckets:
+            dev = bucket.params[0].device
+            if dev != bucket.device:
+                bucket.to_device(dev)
         if self.hooked_buckets:
             if self._round_active:  # step() called from inside backward (should not happen); finish the round
                 self._backward_done()
@@ -343,36 +404,42 @@ class GradEngine:
             if any(p.grad is not None for b in hooked for p in b.params):
                 # backward ran only under no_sync() since the last step: reduce what accumulated in param.grad
                 self._check_not_rewritten(hooked)
+                self.packed_at_step = True
                 for bucket in hooked:
                     self._pack_leftovers(bucket)
+                    if bucket.full is None:
+                        self._track_alloc(bucket)
                     bucket.fill_missing()
                     self._launch(bucket)
                 self._drain()
-                for bucket in hooked:
-                    bucket.reset_round()
-                self.rounds += 1
+                self._end_round()
                 if self._fill_log is not None:  # no hook ever fired: keep the built order
                     self._order = list(range(len(hooked)))
                     self._fill_log = None
             self._adopt_fill_order()
         for bucket in self.buckets:
-            if self.hooked(bucket) or not self.sharded(bucket):
-                if not self.hooked(bucket):
-                    for i, p in enumerate(bucket.params):
-                        if p.grad is not None:
-                            check_grad(p, p.grad)
+            if self.hooked(bucket):
+                continue
+            if not self.sharded(bucket):  # one process, or gradients already averaged by DDP
+                for i, p in enumerate(bucket.params):
+                    if p.grad is not None:
+                        problem = check_grad(p, p.grad)
+                        if problem is not None:
+                            self.error(*problem)
+                        else:
                             bucket.present[i] = True
                 continue
             # stage 1 over several ranks: pack param.grad and reduce-scatter now
-            for i, p in enumerate(bucket.params):
-                if p.grad is not None:
-                    check_grad(p, p.grad)
+            self.packed_at_step = True
             self._track_alloc(bucket)
             bucket.full = bucket._alloc_full()
             for i, p in enumerate(bucket.params):
                 s = bucket.layout.slots[i]
                 dst = bucket.full[s.offset : s.offset + s.numel]
-                if p.grad is None:
+                problem = None if p.grad is None else check_grad(p, p.grad)
+                if problem is not None:
+                    self.error(*problem)
+                if p.grad is None or problem is not None:
                     dst.zero_()
                 else:
                     dst.copy_(_flat(p.grad))
@@ -387,13 +454,14 @@ class GradEngine:
         for bucket in hooked:
             for i, p in enumerate(bucket.params):
                 if bucket.present[i] and p.grad is not None:
-                    raise ValueError(
+                    self.error(ValueError,
                         "stage=2 frees param.grad as soon as it has copied the gradient, but a gradient was "
                         "written back after that. The model is probably wrapped in DistributedDataParallel: "
                         "stage 2 reduces gradients itself, so don't wrap the model in DDP (or use stage=1 with "
                         "grads_reduced=True). Running backward under no_sync() *after* the last synced backward "
                         "of a step also causes this: the synced backward must be the last one."
                     )
+                    return
 
     def grad_views(self, bucket: Bucket, indices: list[int]) -> list[Tensor]:
         """The averaged gradient of the owned part of each parameter ``indices`` of ``bucket``."""
@@ -406,6 +474,7 @@ class GradEngine:
         return out
 
     def clear(self) -> None:
+        """Forget every gradient held (sharded or in flight) and any half-finished backward round."""
         self._reduced = False
         self._drain()
         for bucket in self.buckets:
@@ -413,6 +482,9 @@ class GradEngine:
         self.rounds = 0
         self.full_bytes = 0
         self._next = 0
+        self._round_active = False  # a backward that raised never ran its end-of-backward callback
+        self.errors.clear()
+        self.packed_at_step = False
 
     # ------------------------------------------------------------------------------- step: gather params
     def gather_params(self, bucket: Bucket, indices: list[int]) -> Handle | None:
@@ -441,6 +513,12 @@ class GradEngine:
         return Handle(h, unpack)
 
 
+def _remove_handles(handles: list) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 def _control_device(comm: Comm, bucket: Bucket) -> torch.device:
     return bucket.device if "nccl" in comm.backend else torch.device("cpu")
 
@@ -451,19 +529,20 @@ def _hook(ref: weakref.ref, p: Tensor) -> None:
         engine.on_grad(p)
 
 
-def check_grad(p: Tensor, grad: Tensor) -> None:
-    """Reject gradients the dense update cannot take, with the fix in the message."""
+def check_grad(p: Tensor, grad: Tensor) -> tuple[type, str] | None:
+    """What is wrong with a gradient the dense update cannot take, as (exception type, message naming the fix)."""
     if grad.is_sparse or grad.layout != torch.strided:
-        raise TypeError(
-            "ShardedAdamW got a sparse gradient (e.g. from nn.Embedding(sparse=True)); use zeroadamw.SparseAdamW "
-            "with {'sparse': 'rows'} for that parameter, or build the embedding with sparse=False"
+        return TypeError, (
+            "ShardedAdamW got a sparse gradient (e.g. from nn.Embedding(sparse=True)); it updates dense "
+            "gradients only -- build the embedding with sparse=False"
         )
     if grad.shape != p.shape:
-        raise ValueError(f"gradient shape {tuple(grad.shape)} does not match its parameter's shape {tuple(p.shape)}")
+        return ValueError, f"gradient shape {tuple(grad.shape)} does not match its parameter's shape {tuple(p.shape)}"
     if grad.dtype != p.dtype:
-        raise ValueError(
+        return ValueError, (
             f"gradient dtype {grad.dtype} does not match its parameter's dtype {p.dtype}; "
             "assign gradients of the parameter's dtype (autograd always does)"
         )
     if grad.device != p.device:
-        raise ValueError(f"gradient is on {grad.device} but its parameter is on {p.device}")
+        return ValueError, f"gradient is on {grad.device} but its parameter is on {p.device}"
+    return None

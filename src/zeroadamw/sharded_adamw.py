@@ -34,6 +34,7 @@ communication, 1/N of the memory) -- choose per job.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 import zlib
@@ -61,6 +62,14 @@ models on fast interconnects (Megatron uses 40M), lower it for small models to g
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 _HYPER = ("lr", "betas", "eps", "weight_decay", "decay")
+_UNSUPPORTED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+
+
+def _lr_max(group: dict) -> float:
+    """The peak lr ``decay="independent"`` divides by: OneCycleLR's ``max_lr`` when present (its ``initial_lr`` is
+    the starting lr, max_lr / div_factor), else ``initial_lr`` (set by LR schedulers and at construction)."""
+    v = group.get("max_lr", group.get("initial_lr", group["lr"]))
+    return float(v.item() if isinstance(v, Tensor) else v)
 
 
 def _validate_hyper(group: dict, where: str = "") -> None:
@@ -91,10 +100,12 @@ def _validate_hyper(group: dict, where: str = "") -> None:
     if decay not in F.DECAY_MODES:
         raise ValueError(f"Unknown decay mode {decay!r}{where}; expected one of {', '.join(F.DECAY_MODES)}")
     if decay == "independent":
-        lr0 = group.get("initial_lr", lr)
-        lr0 = lr0.item() if isinstance(lr0, Tensor) else lr0
+        lr0 = _lr_max(group)
         if wd and not lr0 > 0:
             raise ValueError(f"decay='independent' divides by the group's initial lr, which is {lr0}{where}")
+    for key, ok in _UNSUPPORTED.items():
+        if group.get(key, ok) != ok:
+            raise ValueError(f"ShardedAdamW does not implement {key}={group[key]!r}{where}; remove it from the group")
 
 
 def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
@@ -209,7 +220,13 @@ class ShardedAdamW(torch.optim.Optimizer):
         self._device: torch.device | None = None
         self._seen: set[Tensor] = set()
         self._state_ready = False
+        self._constructed = False
+        self._resume_checked = False
+        self._master_stale: set[Tensor] = set()  # low-precision params whose master must be (re)read from the param
+        self._layout_signature: list = []
         super().__init__(params, defaults)
+        self._check_same_layout(self._layout_signature)
+        self._constructed = True
 
     # ------------------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -250,7 +267,8 @@ class ShardedAdamW(torch.optim.Optimizer):
         if isinstance(param_group["betas"], list):
             param_group["betas"] = tuple(param_group["betas"])
         _validate_hyper(param_group, f" (param group {len(self.param_groups)})")
-        param_group.setdefault("initial_lr", param_group["lr"])
+        lr0 = param_group["lr"]
+        param_group.setdefault("initial_lr", lr0.clone() if isinstance(lr0, Tensor) else lr0)
         super().add_param_group(param_group)
         self._seen.update(params)
         self._build_buckets(len(self.param_groups) - 1)
@@ -261,15 +279,23 @@ class ShardedAdamW(torch.optim.Optimizer):
         by_dtype: dict[torch.dtype, list[Tensor]] = {}
         for p in trainable:  # reverse registration order ~ the order gradients appear in backward
             by_dtype.setdefault(p.dtype, []).append(p)
-        signature = [gi]
+        signature = [gi, len(group["params"])]
+        new = []
         for dtype, ps in by_dtype.items():
             master = self.master_dtype if dtype in (torch.float16, torch.bfloat16) and self.master_dtype not in (None, dtype) else None
             reduce_dtype = self.reduce_dtype or dtype
             for idx in plan_buckets([p.numel() for p in ps], self.bucket_size):
                 bucket = Bucket([ps[i] for i in idx], gi, self.comm, reduce_dtype, master or dtype, master)
                 self.engine.add_bucket(bucket)
+                new.append(bucket)
                 signature.append((str(dtype), [ps[i].numel() for i in idx]))
-        self._check_same_layout(signature)
+        if self._constructed:  # a group added later: check it now (every rank must add it)
+            self._check_same_layout(signature)
+        else:
+            self._layout_signature.append(signature)
+        if self._state_ready:
+            for bucket in new:
+                self._init_bucket_state(bucket)
 
     def _check_same_layout(self, signature: list) -> None:
         """Every rank must build the same buckets, or collectives would pair up different data."""
@@ -311,17 +337,21 @@ class ShardedAdamW(torch.optim.Optimizer):
         if self._state_ready:
             return
         for bucket in self.engine.buckets:
-            bucket.init_state()
-            for i, p in enumerate(bucket.params):
-                st = {
-                    "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                    "exp_avg": bucket.shard_view(bucket.exp_avg, i),
-                    "exp_avg_sq": bucket.shard_view(bucket.exp_avg_sq, i),
-                }
-                if bucket.master is not None:
-                    st["master"] = bucket.shard_view(bucket.master, i)
-                self.state[p] = st
+            self._init_bucket_state(bucket)
         self._state_ready = True
+
+    def _init_bucket_state(self, bucket: Bucket) -> None:
+        bucket.init_state()
+        for i, p in enumerate(bucket.params):
+            st = {
+                "step": torch.zeros((), dtype=torch.float32, device=p.device),
+                "exp_avg": bucket.shard_view(bucket.exp_avg, i),
+                "exp_avg_sq": bucket.shard_view(bucket.exp_avg_sq, i),
+            }
+            if bucket.master is not None:
+                st["master"] = bucket.shard_view(bucket.master, i)
+                self._master_stale.add(p)  # re-read from the param at its first update (weights may change before)
+            self.state[p] = st
 
     def _relocate_if_needed(self) -> None:
         for bucket in self.engine.buckets:
@@ -368,22 +398,31 @@ class ShardedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._relocate_if_needed()
-        self._check_new_trainable()
         engine = self.engine
+        local_errors = self._local_checks()
         engine.reduce()
         if not self._state_ready:
             self._init_state()
+        if not self._resume_checked:
             self._warn_if_resumed_without_state()
 
         scale = self._loss_scale(grad_scaler)
+        errors = local_errors + engine.errors
         sumsq, presence = self._local_stats()
-        stats = torch.cat([sumsq.reshape(1), presence])
+        flushed = engine.flushed_flags()
+        # one small all-reduce: [sum of squared shard grads, error flag, presence per param, flushed per bucket]
+        stats = torch.cat([sumsq.reshape(1), torch.tensor([float(bool(errors))], dtype=torch.float64), presence,
+                           torch.tensor(flushed, dtype=torch.float64)])
         if self.comm.world_size > 1:
             stats = stats.to(self._collective_device())
             self.comm.all_reduce(stats, label="control")
         stats = stats.cpu()
+        if stats[1].item() > 0:
+            self._raise_agreed(errors)
+        n_present = presence.numel()
         total_sq = stats[0].item()
-        present = (stats[1:] > 0).tolist()
+        present = (stats[2 : 2 + n_present] > 0).tolist()
+        engine.demote((stats[2 + n_present :] > 0).tolist())
         norm = math.sqrt(total_sq) if math.isfinite(total_sq) else float("nan")
         if scale is not None:
             norm /= scale
@@ -419,13 +458,47 @@ class ShardedAdamW(torch.optim.Optimizer):
         engine.clear()
         return loss
 
+    def _local_checks(self) -> list[tuple[type, str]]:
+        """Problems this rank can see before any collective; reported with the others' in the control all-reduce."""
+        errors = []
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p in self.engine.where:
+                    if not p.is_contiguous():
+                        errors.append((ValueError, f"a parameter of param group {gi} became non-contiguous after the "
+                                       "optimizer was built (e.g. channels_last); ShardedAdamW needs contiguous params"))
+                elif p.requires_grad and p.numel() > 0 and p.grad is not None:
+                    errors.append((ValueError, (
+                        f"a parameter of param group {gi} was frozen when the optimizer was built and now has a "
+                        "gradient; ShardedAdamW lays out its buffers at construction -- build the optimizer after "
+                        "choosing what to train (or put newly unfrozen params in opt.add_param_group)")))
+        return errors
+
+    def _raise_agreed(self, errors: list[tuple[type, str]]) -> None:
+        """Some rank found a problem: every rank raises (nothing was changed), with the first rank's message."""
+        self.engine.clear()
+        found = [errors]
+        if self.comm.world_size > 1:
+            import torch.distributed as dist
+
+            found = [None] * self.comm.world_size
+            dist.all_gather_object(found, errors, group=self.comm.group)
+        for r, errs in enumerate(found):
+            if errs:
+                exc_type, msg = errs[0]
+                where = f" (reported by rank {r})" if self.comm.world_size > 1 else ""
+                raise exc_type(msg + where)
+        raise RuntimeError("a rank reported an error in ShardedAdamW.step() but sent no message")
+
     def _warn_if_resumed_without_state(self) -> None:
         """zeroadamw.checkpoint.load(model=..., optimizer=None) marks the params of a model restored from a
         checkpoint that had optimizer state. Starting AdamW fresh there (zero moments, step 1 bias correction
         on weights trained for thousands of steps) is the classic resume bug: say so, loudly, once."""
+        self._resume_checked = True
         resumed = [getattr(p, "_zeroadamw_resumed_step", 0) for b in self.engine.buckets for p in b.params]
         step = max(resumed, default=0)
-        if step > 0:
+        fresh = all(float(st["step"]) == 0 for st in self.state.values())
+        if step > 0 and fresh:
             msg = (
                 f"zeroadamw: this model was restored from a checkpoint saved at optimizer step {step:g}, but the "
                 "optimizer starts with FRESH state (zero moments). Resuming like this usually makes training "
@@ -435,18 +508,31 @@ class ShardedAdamW(torch.optim.Optimizer):
             import sys
 
             print("WARNING " + msg, file=sys.stderr, flush=True)
-            for b in self.engine.buckets:
-                for p in b.params:
-                    if hasattr(p, "_zeroadamw_resumed_step"):
-                        delattr(p, "_zeroadamw_resumed_step")
+        for b in self.engine.buckets:
+            for p in b.params:
+                if hasattr(p, "_zeroadamw_resumed_step"):
+                    delattr(p, "_zeroadamw_resumed_step")
 
     def _loss_scale(self, grad_scaler) -> float | None:
+        """The loss scale still in the gradients (None: unscaled)."""
         if grad_scaler is None or not grad_scaler.is_enabled():
-            return None
+            new_contract = getattr(self, "grad_scale", None)  # GradScaler set it and called step() without itself
+            if new_contract is None:
+                return None
+            if not (self.comm.world_size == 1 or self.engine.grads_reduced):
+                raise RuntimeError(
+                    "GradScaler called ShardedAdamW.step() without passing itself (a wrapper hides step's "
+                    "grad_scaler argument -- accelerate's patched optimizer step does). With gradients reduced "
+                    "inside the optimizer, every rank's inf check must agree and the scaler must be told the global "
+                    "result, which needs the scaler: call scaler.step(optimizer) on the optimizer itself, or expose "
+                    "the argument (functools.update_wrapper(wrapper, optimizer.step))."
+                )
+            return float(new_contract)
         from torch.amp.grad_scaler import OptState
 
         state = grad_scaler._per_optimizer_states[id(self)]
-        visible = self.comm.world_size == 1 or self.stage == 1  # did unscale_() see our gradients in param.grad?
+        # did unscale_() see (and unscale in place) the gradients? Only where they were in param.grad at step time
+        visible = self.comm.world_size == 1 or self.stage == 1 or self.engine.packed_at_step
         if state["stage"] is OptState.UNSCALED and visible:
             return None
         return float(grad_scaler._get_scale_async().item())
@@ -485,6 +571,12 @@ class ShardedAdamW(torch.optim.Optimizer):
             torch._foreach_add_(lonely_steps, 1)
         if not idx:
             return
+        if bucket.master is not None and self._master_stale:
+            for i in idx:  # first update since the state was created: the params may have changed meanwhile
+                p = bucket.params[i]
+                if p in self._master_stale:
+                    bucket.shard_view(bucket.master, i).copy_(bucket.owned_param_view(i))
+                    self._master_stale.discard(p)
         target = bucket.master if bucket.master is not None else None
         params = [bucket.shard_view(target, i) if target is not None else bucket.owned_param_view(i) for i in idx]
         grads = self.engine.grad_views(bucket, idx)
@@ -503,20 +595,10 @@ class ShardedAdamW(torch.optim.Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decay=group["decay"],
-            lr_max=float(group["initial_lr"]),
+            lr_max=_lr_max(group),
             grad_scale=grad_scale,
             impl=self.impl,
         )
-
-    def _check_new_trainable(self) -> None:
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.requires_grad and p.numel() > 0 and p not in self.engine.where and p.grad is not None:
-                    raise ValueError(
-                        f"a parameter of param group {gi} was frozen when the optimizer was built and now has a "
-                        "gradient; ShardedAdamW lays out its buffers at construction -- build the optimizer after "
-                        "choosing what to train (or put newly unfrozen params in opt.add_param_group)"
-                    )
 
     # ---------------------------------------------------------------------------------------- state_dict
     def _index(self) -> list[Tensor]:
@@ -530,6 +612,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         ``torch.optim.AdamW(...).load_state_dict(sd)`` accepts it. Every rank receives the full state, so this
         costs the full unsharded state in memory; for large models use :mod:`zeroadamw.checkpoint`.
         """
+        self._relocate_if_needed()
         index = {p: k for k, p in enumerate(self._index())}
         state: dict[int, dict[str, Tensor]] = {}
         if self._state_ready:
@@ -562,6 +645,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("expected a torch.optim state dict with 'state' and 'param_groups' keys")
+        self._relocate_if_needed()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -579,7 +663,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         new_groups = []
         for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
             ng = dict(g)
-            ng.update({k: v for k, v in sg.items() if k not in ("params", "param_names")})
+            ng.update({k: copy.deepcopy(v) for k, v in sg.items() if k not in ("params", "param_names")})
             if isinstance(ng.get("betas"), list):
                 ng["betas"] = tuple(ng["betas"])
             ng.setdefault("decay", g["decay"])
@@ -617,7 +701,7 @@ class ShardedAdamW(torch.optim.Optimizer):
                     bucket.shard_view(bucket.exp_avg, i).zero_()
                     bucket.shard_view(bucket.exp_avg_sq, i).zero_()
                     if bucket.master is not None:
-                        bucket.shard_view(bucket.master, i).copy_(bucket.owned_param_view(i))
+                        self._master_stale.add(p)
         for p, st in entries:
             bucket, i = self.engine.where[p]
             s = bucket.layout.slots[i]
@@ -627,5 +711,8 @@ class ShardedAdamW(torch.optim.Optimizer):
                 src = st[name].reshape(-1)[s.own_lo : s.own_hi]
                 bucket.shard_view(getattr(bucket, name), i).copy_(src)
             if bucket.master is not None:
-                src = st["master"] if "master" in st else p.detach()
-                bucket.shard_view(bucket.master, i).copy_(src.reshape(-1)[s.own_lo : s.own_hi])
+                if "master" in st:
+                    bucket.shard_view(bucket.master, i).copy_(st["master"].reshape(-1)[s.own_lo : s.own_hi])
+                    self._master_stale.discard(p)
+                else:
+                    self._master_stale.add(p)
