@@ -26,6 +26,8 @@ from zeroadamw import ShardedAdamW
 
 def assert_ranks_identical(tensors) -> None:
     """Every rank holds bit-identical tensors (compared against rank 0's)."""
+    if not dist.is_initialized():
+        return
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
     ref = flat.clone()
     dist.broadcast(ref, 0)
@@ -42,7 +44,10 @@ def averaged_grads(opt, params):
     for bucket in engine.buckets:
         if engine.sharded(bucket):
             full = torch.empty(bucket.layout.padded, dtype=bucket.shard_grad.dtype)
-            dist.all_gather_into_tensor(full, bucket.shard_grad.contiguous())
+            if dist.is_initialized():
+                dist.all_gather_into_tensor(full, bucket.shard_grad.contiguous())
+            else:
+                full.copy_(bucket.shard_grad)
             for i, p in enumerate(bucket.params):
                 s = bucket.layout.slots[i]
                 out[p] = full[s.offset : s.offset + s.numel].view_as(p).clone()
@@ -50,7 +55,7 @@ def averaged_grads(opt, params):
             for p in bucket.params:
                 out[p] = None if p.grad is None else p.grad.clone()
     present = torch.tensor([float(f) for b in engine.buckets for f in b.present])
-    if dist.get_world_size() > 1:
+    if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(present)
     flags = iter((present > 0).tolist())
     for b in engine.buckets:

@@ -303,8 +303,9 @@ def _groups_json(optimizer: torch.optim.Optimizer, names: dict[Tensor, str]) -> 
 
 
 def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
-    """DCP entries for a ShardedAdamW's owned ranges (views into its flat state: no copies), and the per-param
-    JSON description."""
+    """DCP entries for a ShardedAdamW: owned element ranges of sharded state (views into its state: no copies),
+    replicated tensors for replicated state (AdaLomo's row/column moments), the step; and the per-param JSON
+    description (shape and dtype of every kind, whether it is sharded)."""
     opt._init_state()
     entries: dict[str, Any] = {}
     desc: dict[str, dict] = {}
@@ -312,20 +313,16 @@ def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str]) -> tuple[dict[
         for i, p in enumerate(bucket.params):
             fqn = names[p]
             s = bucket.layout.slots[i]
-            kinds = {"exp_avg": bucket.exp_avg, "exp_avg_sq": bucket.exp_avg_sq}
-            if bucket.master is not None:
-                kinds["master"] = bucket.master
-            for kind, flat in kinds.items():
-                local = bucket.shard_view(flat, i)
-                entries[f"optim/{fqn}/{kind}"] = _Range(local, s.own_lo, s.numel)
+            kinds = {}
+            for kind, (how, t) in opt._state_kinds(p).items():
+                if how == "range":
+                    entries[f"optim/{fqn}/{kind}"] = _Range(t, s.own_lo, s.numel)
+                    kinds[kind] = {"shape": list(p.shape), "dtype": _dtype_name(t.dtype), "sharded": True}
+                else:
+                    entries[f"optim/{fqn}/{kind}"] = t
+                    kinds[kind] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "sharded": False}
             entries[f"optim/{fqn}/step"] = opt.state[p]["step"]
-            desc[fqn] = {
-                "shape": list(p.shape),
-                "dtype": _dtype_name(p.dtype),
-                "state": sorted(kinds),
-                "state_dtype": _dtype_name(bucket.state_dtype),
-                "master_dtype": _dtype_name(bucket.master.dtype) if bucket.master is not None else None,
-            }
+            desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "kinds": kinds, "rule": opt.rule}
     return entries, desc
 
 
@@ -339,17 +336,17 @@ def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str]) -> tupl
             fqn = names[p]
             kinds = {}
             for k, v in st.items():
-                if isinstance(v, Tensor) and (v.shape == p.shape or k == "step"):
-                    entries[f"optim/{fqn}/{k}"] = v.detach().reshape(-1) if k != "step" else v.detach().reshape(())
-                    if k != "step":
-                        kinds[k] = _dtype_name(v.dtype)
-                elif k == "step":
-                    entries[f"optim/{fqn}/step"] = torch.tensor(float(v), dtype=torch.float32)
+                if k == "step":
+                    entries[f"optim/{fqn}/step"] = (v.detach().reshape(()).to(torch.float32) if isinstance(v, Tensor)
+                                                    else torch.tensor(float(v), dtype=torch.float32))
+                elif isinstance(v, Tensor) and v.shape == p.shape:
+                    entries[f"optim/{fqn}/{k}"] = v.detach().reshape(-1)
+                    kinds[k] = {"shape": list(p.shape), "dtype": _dtype_name(v.dtype), "sharded": True}
                 else:
                     raise TypeError(f"optimizer state {k!r} of {fqn} is not a tensor of the parameter's shape")
             if st:
-                desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "state": sorted(kinds),
-                             "state_dtype": next(iter(kinds.values()), _dtype_name(p.dtype)), "master_dtype": None}
+                desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "kinds": kinds,
+                             "rule": type(opt).__name__}
     return entries, desc
 
 
@@ -623,13 +620,19 @@ def load(
             entries, desc = _sharded_entries(optimizer, names)
             for fqn, d in desc.items():
                 saved = opt_meta["params"].get(fqn)
-                if saved is None or "master" not in saved["state"]:
-                    entries.pop(f"optim/{fqn}/master", None)
-                    if "master" in d["state"]:
-                        fill_master.append(fqn)
                 if saved is None:  # trainable now, had no state then: fresh
-                    for kind in ("exp_avg", "exp_avg_sq", "step"):
+                    for kind in list(d["kinds"]) + ["step"]:
                         entries.pop(f"optim/{fqn}/{kind}", None)
+                    continue
+                for kind in d["kinds"]:
+                    if kind not in saved["kinds"]:
+                        if kind == "master":  # saved without a master (fp32 run): take it from the loaded param
+                            entries.pop(f"optim/{fqn}/master", None)
+                            fill_master.append(fqn)
+                            continue
+                        raise CheckpointError(
+                            f"{path}: {fqn} has no {kind!r} state in the checkpoint (saved by rule "
+                            f"{saved.get('rule')!r}, loading into rule {optimizer.rule!r})")
             dest.update(entries)
         else:
             plain = _plain_dests(optimizer, names, opt_meta)
@@ -696,8 +699,10 @@ def _plain_dests(optimizer, names, opt_meta) -> dict[str, Tensor]:
             d = opt_meta["params"].get(names[p])
             if d is None:
                 continue
-            for kind in d["state"]:
-                dests[f"optim/{names[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(d["state_dtype"]))
+            for kind, k in d["kinds"].items():
+                if not k["sharded"]:
+                    raise CheckpointError(f"{names[p]}: {kind!r} is {d.get('rule')} state; load it into that optimizer")
+                dests[f"optim/{names[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(k["dtype"]))
             dests[f"optim/{names[p]}/step"] = torch.zeros((), dtype=torch.float32)
     return dests
 
@@ -712,7 +717,7 @@ def _apply_plain(optimizer, names, opt_meta, loaded) -> None:
         for p in g["params"]:
             d = opt_meta["params"].get(names[p])
             if d is not None:
-                st = {kind: loaded[f"optim/{names[p]}/{kind}"].view(p.shape) for kind in d["state"]}
+                st = {kind: loaded[f"optim/{names[p]}/{kind}"].view(p.shape) for kind in d["kinds"] if kind != "master"}
                 st["step"] = loaded[f"optim/{names[p]}/step"]
                 state[index] = st
             ids.append(index)
@@ -750,6 +755,11 @@ def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
         _quiet(dcp.load, {key: t}, storage_reader=dcp.FileSystemReader(reader_path), planner=_LoadPlanner(), no_dist=True)
         return t
 
+    def read_full(key: str, shape: list[int], dtype: torch.dtype) -> Tensor:
+        t = torch.empty(shape, dtype=dtype)
+        _quiet(dcp.load, {key: t}, storage_reader=dcp.FileSystemReader(reader_path), planner=_LoadPlanner(), no_dist=True)
+        return t
+
     if meta.get("model") is not None:
         tensors = meta["model"]["tensors"]
         path = os.path.join(out_dir, "model.safetensors")
@@ -773,9 +783,11 @@ def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         step = read(f"optim/{fqn}/step", [], torch.float32)
                         if float(step) > 0:
                             entry = {"step": w.tensor(step)}
-                            for kind in d["state"]:
-                                dtype = _dtype(d["master_dtype"] if kind == "master" else d["state_dtype"])
-                                t = read(f"optim/{fqn}/{kind}", d["shape"], dtype).view(d["shape"])
+                            for kind, k in d["kinds"].items():
+                                if k["sharded"]:
+                                    t = read(f"optim/{fqn}/{kind}", k["shape"], _dtype(k["dtype"])).view(k["shape"])
+                                else:
+                                    t = read_full(f"optim/{fqn}/{kind}", k["shape"], _dtype(k["dtype"]))
                                 entry[kind] = w.tensor(t)
                                 del t
                             state[index] = entry

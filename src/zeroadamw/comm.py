@@ -54,7 +54,9 @@ class Handle:
 
     def done(self) -> bool:
         """True when ``wait()`` would not block."""
-        return self._done or self._work is None or self._work.is_completed()
+        if self._done or self._work is None:
+            return True
+        return self._work.done() if isinstance(self._work, Handle) else self._work.is_completed()
 
     def wait(self) -> None:
         if self._done:

@@ -18,6 +18,12 @@ flat buffers and the collectives:
     reduce-scattered bucket by bucket (or, with ``grads_reduced=True``, used as they are: DDP already averaged
     them).
   - **one process**: no buffers and no collectives; the update reads ``param.grad`` directly.
+  - **step in backward** (any ``N``): as stage 2, but every backward reduces (``no_sync()`` then only means "not
+    the last micro-batch": gradients accumulate in the fp32 1/N shard); with ``N = 1`` gradients land straight
+    in the fp32 accumulator. In *fused* mode (no clipping) a bucket of the last micro-batch is updated the moment
+    its reduce-scatter completes -- the optimizer's ``apply_fn`` -- and its all-gather starts at once; its
+    gradient memory is freed right there. Collectives issued while finishing a bucket follow a fixed, count-based
+    schedule (never "whichever finished first"), so every rank issues them in the same order.
 
   After the update, :meth:`GradEngine.gather_params` all-gathers each bucket's updated shard so every rank holds
   identical weights.
@@ -73,13 +79,28 @@ class Bucket:
         self.pending = len(params)
         self.rs_out: Tensor | None = None
         self.handle: Handle | None = None
+        self.direct = False  # one process, step in backward: gradients land straight in shard_grad
+        self.applied = False  # updated during backward this step (fused step-in-backward)
         # reduced, averaged gradient of the owned shard (accumulated over backward passes until step)
-        self.shard_grad: Tensor | None = None
+        self.tracker = None  # the engine: counts gradient memory as shard_grad comes and goes
+        self._shard_grad: Tensor | None = None
         self.present = [False] * len(params)  # got a gradient on this rank since the last step
         # optimizer state of the owned shard (flat); optimizer.state[p] holds views into these
         self.exp_avg: Tensor | None = None
         self.exp_avg_sq: Tensor | None = None
         self.master: Tensor | None = None
+
+    @property
+    def shard_grad(self) -> Tensor | None:
+        return self._shard_grad
+
+    @shard_grad.setter
+    def shard_grad(self, t: Tensor | None) -> None:
+        old = self._shard_grad
+        if self.tracker is not None and old is not t:
+            delta = (0 if t is None else t.numel() * t.element_size()) - (0 if old is None else old.numel() * old.element_size())
+            self.tracker._count_shard(delta)
+        self._shard_grad = t
 
     # ------------------------------------------------------------------------------------------------- views
     @property
@@ -89,6 +110,14 @@ class Bucket:
     def owned_param_view(self, i: int) -> Tensor:
         s = self.layout.slots[i]
         return _flat(self.params[i].detach())[s.own_lo : s.own_hi]
+
+    def owned_grad_or_empty(self, i: int) -> Tensor:
+        """The owned part of ``param.grad`` (one process / DDP-averaged), or an empty tensor when it has none."""
+        s = self.layout.slots[i]
+        g = self.params[i].grad
+        if g is None:
+            return torch.zeros(s.owned, dtype=self.dtype, device=self.device)
+        return _flat(g)[s.own_lo : s.own_hi]
 
     def shard_view(self, flat: Tensor, i: int) -> Tensor:
         s = self.layout.slots[i]
@@ -103,6 +132,15 @@ class Bucket:
 
     def land(self, i: int, grad: Tensor) -> None:
         """Copy parameter ``i``'s gradient into the flat buffer (adds if it already landed this round)."""
+        if self.direct:
+            if self.shard_grad is None:
+                self.shard_grad = torch.zeros(self.layout.shard, dtype=self.acc_dtype, device=self.device)
+            self.shard_view(self.shard_grad, i).add_(_flat(grad))
+            if not self.landed[i]:
+                self.landed[i] = True
+                self.pending -= 1
+            self.present[i] = True
+            return
         if self.full is None:
             self.full = self._alloc_full()
         s = self.layout.slots[i]
@@ -117,6 +155,8 @@ class Bucket:
 
     def fill_missing(self) -> None:
         """Zero the slots of parameters that have not landed this round (so they contribute nothing)."""
+        if self.direct:
+            return
         if self.full is None:
             self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
             return
@@ -125,6 +165,9 @@ class Bucket:
                 self.full[s.offset : s.offset + s.numel].zero_()
 
     def launch(self) -> None:
+        if self.direct:
+            self.launched = True
+            return
         n = self.comm.world_size
         if self.reduce_dtype == torch.float16:
             self.full.div_(n)  # fp16: average before summing, as DDP does, so the sum cannot overflow
@@ -134,6 +177,8 @@ class Bucket:
 
     def finish(self) -> None:
         """Wait for the reduce-scatter, average, accumulate into ``shard_grad`` and free the full buffer."""
+        if self.direct:
+            return
         self.handle.wait()
         out = self.rs_out
         if self.reduce_dtype != torch.float16:
@@ -156,16 +201,19 @@ class Bucket:
         self.full = self.rs_out = self.handle = None
         self.present = [False] * len(self.params)
         self.flushed = False
+        self.applied = False
         self.reset_round()
 
     # ------------------------------------------------------------------------------------------------- state
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.exp_avg, self.exp_avg_sq, self.master) if t is not None)
 
-    def init_state(self) -> None:
+    def init_state(self, moments: bool = True) -> None:
+        """Allocate the owned shard's flat state: Adam moments (``moments``) and the master copy (low precision)."""
         S = self.layout.shard
-        self.exp_avg = torch.zeros(S, dtype=self.state_dtype, device=self.device)
-        self.exp_avg_sq = torch.zeros(S, dtype=self.state_dtype, device=self.device)
+        if moments:
+            self.exp_avg = torch.zeros(S, dtype=self.state_dtype, device=self.device)
+            self.exp_avg_sq = torch.zeros(S, dtype=self.state_dtype, device=self.device)
         if self.master_dtype is not None:
             self.master = torch.zeros(S, dtype=self.master_dtype, device=self.device)
             for i, s in enumerate(self.layout.slots):
@@ -192,10 +240,14 @@ class GradEngine:
     rank together after its control all-reduce. Raising on one rank alone would leave the others waiting forever.
     """
 
-    def __init__(self, stage: int, grads_reduced: bool, max_inflight: int = 2) -> None:
+    def __init__(self, stage: int, grads_reduced: bool, max_inflight: int = 2, step_in_backward: bool = False) -> None:
         self.stage = stage
         self.grads_reduced = grads_reduced
         self.max_inflight = max_inflight
+        self.step_in_backward = step_in_backward
+        self.apply_fn = None  # fused step in backward: optimizer callback(bucket) -> all-gather Handle or None
+        self._final = False  # the current backward round is the last micro-batch (outside no_sync())
+        self._ag_inflight: deque[Handle] = deque()
         self.buckets: list[Bucket] = []  # update order
         self.hooked_buckets: list[Bucket] = []  # launch order of the buckets reduced in backward; same on all ranks
         self.where: dict[Tensor, tuple[Bucket, int]] = {}
@@ -217,12 +269,17 @@ class GradEngine:
         self._order: list[int] | None = None
         self._reordered = False
         self._reduced = False  # reduce() ran and nothing arrived since: calling it again is a no-op
-        # peak bytes of full-size gradient buffers alive at once (stage 2 memory claim, checked by tests)
+        # peak bytes of full-size gradient buffers alive at once (stage 2 memory claim, checked by tests), and of
+        # all gradient memory the engine holds (full buffers + reduced shards; step in backward's claim)
         self.full_bytes = 0
         self.peak_full_bytes = 0
+        self.shard_bytes = 0
+        self.peak_grad_bytes = 0
 
     # --------------------------------------------------------------------------------------------- building
     def add_bucket(self, bucket: Bucket) -> None:
+        bucket.direct = self.step_in_backward and bucket.comm.world_size == 1
+        bucket.tracker = self
         self.buckets.append(bucket)
         for i, p in enumerate(bucket.params):
             self.where[p] = (bucket, i)
@@ -233,16 +290,21 @@ class GradEngine:
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, ref=ref: _hook(ref, p)))
 
     def hooked(self, bucket: Bucket) -> bool:
-        """Stage 2 over several ranks reduces during backward; everything else reads ``param.grad`` at step."""
-        return self.stage == 2 and bucket.comm.world_size > 1
+        """Stage 2 over several ranks and step-in-backward reduce during backward; the rest read ``param.grad``."""
+        return self.step_in_backward or (self.stage == 2 and bucket.comm.world_size > 1)
 
     def sharded(self, bucket: Bucket) -> bool:
         """Whether the update reads ``bucket.shard_grad`` (else: slices of ``param.grad``)."""
-        return bucket.comm.world_size > 1 and not self.grads_reduced
+        return self.hooked(bucket) or (bucket.comm.world_size > 1 and not self.grads_reduced)
+
+    @property
+    def fused(self) -> bool:
+        return self.apply_fn is not None
 
     def reset_peak(self) -> None:
-        """Restart the peak count of full-size gradient buffers (e.g. after the first step settled the order)."""
+        """Restart the peak counts of gradient memory (e.g. after the first step settled the bucket order)."""
         self.peak_full_bytes = self.full_bytes
+        self.peak_grad_bytes = self.full_bytes + self.shard_bytes
 
     def remove_hooks(self) -> None:
         _remove_handles(self._hooks)
@@ -260,7 +322,7 @@ class GradEngine:
 
     # ------------------------------------------------------------------------------------- stage 2 (hooks)
     def on_grad(self, p: Tensor) -> None:
-        if self._no_sync:
+        if self._no_sync and not self.step_in_backward:
             return
         self._reduced = False
         bucket, i = self.where[p]
@@ -273,7 +335,10 @@ class GradEngine:
             bucket.to_device(grad.device)  # the model moved after the optimizer was built (e.g. accelerate)
         if not self._round_active:
             self._round_active = True
+            self._final = False
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        if not self._no_sync:
+            self._final = True  # a backward outside no_sync(): the last micro-batch, update once reduced
         if bucket.launched:
             self.error(RuntimeError, "a parameter's gradient arrived twice in one backward, after its bucket was already "
                        "reduced (a trainable param used both inside and outside a reentrant activation checkpoint?); "
@@ -285,7 +350,7 @@ class GradEngine:
             self.error(*problem)
             p.grad = None
             return
-        if bucket.full is None:
+        if bucket.full is None and not bucket.direct:
             self._track_alloc(bucket)
         was_pending = bucket.pending
         bucket.land(i, grad)
@@ -297,17 +362,37 @@ class GradEngine:
     def _track_alloc(self, bucket: Bucket) -> None:
         self.full_bytes += bucket.full_nbytes
         self.peak_full_bytes = max(self.peak_full_bytes, self.full_bytes)
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.full_bytes + self.shard_bytes)
+
+    def _count_shard(self, delta: int) -> None:
+        self.shard_bytes += delta
+        self.peak_grad_bytes = max(self.peak_grad_bytes, self.full_bytes + self.shard_bytes)
 
     def _launch(self, bucket: Bucket) -> None:
         bucket.launch()
+        if bucket.direct:  # one process: nothing in flight, finish (and, fused, update) right away
+            self._finish(bucket)
+            return
         self._inflight.append(bucket)
-        # free full-size buffers as soon as their collective is done; block only past max_inflight
-        while self._inflight and (len(self._inflight) > self.max_inflight or self._inflight[0].handle.done()):
+        # free full-size buffers as soon as their collective is done; block only past max_inflight. When finishing
+        # a bucket issues collectives (fused step in backward), finish on a fixed count only -- never "whichever
+        # completed first", which differs between ranks.
+        while self._inflight and (
+            len(self._inflight) > self.max_inflight
+            or (not (self.fused and self._final) and self._inflight[0].handle is not None and self._inflight[0].handle.done())
+        ):
             self._finish(self._inflight.popleft())
 
     def _finish(self, bucket: Bucket) -> None:
-        bucket.finish()
-        self.full_bytes -= bucket.full_nbytes
+        if not bucket.direct:
+            bucket.finish()
+            self.full_bytes -= bucket.full_nbytes
+        if self.fused and self._final and not bucket.applied:
+            handle = self.apply_fn(bucket)
+            if handle is not None:
+                self._ag_inflight.append(handle)
+            while self._ag_inflight and (len(self._ag_inflight) > self.max_inflight or self._ag_inflight[0].done()):
+                self._ag_inflight.popleft().wait()
 
     def _launch_ready(self) -> None:
         hooked = self.hooked_buckets
@@ -321,11 +406,12 @@ class GradEngine:
         for bucket in hooked[self._next :]:
             self._pack_leftovers(bucket)
             bucket.flushed = bucket.flushed or bucket.pending > 0
-            if bucket.full is None:
+            if bucket.full is None and not bucket.direct:
                 self._track_alloc(bucket)
             bucket.fill_missing()
             self._launch(bucket)
         self._drain()
+        self._drain_gathers()
         self._end_round()
         if self._fill_log is not None:
             self._fill_log += [b for b in hooked if b not in self._fill_log]
@@ -337,6 +423,7 @@ class GradEngine:
             bucket.reset_round()
         self._next = 0
         self._round_active = False
+        self._final = False
         self.rounds += 1
 
     def _adopt_fill_order(self) -> None:
@@ -375,7 +462,7 @@ class GradEngine:
                     self.error(*problem)
                     p.grad = None
                     continue
-                if bucket.full is None:
+                if bucket.full is None and not bucket.direct:
                     self._track_alloc(bucket)
                 bucket.land(i, p.grad)
                 p.grad = None
@@ -383,6 +470,10 @@ class GradEngine:
     def _drain(self) -> None:
         while self._inflight:
             self._finish(self._inflight.popleft())
+
+    def _drain_gathers(self) -> None:
+        while self._ag_inflight:
+            self._ag_inflight.popleft().wait()
 
     # ---------------------------------------------------------------------------------------- step: reduce
     def reduce(self) -> None:
@@ -405,9 +496,10 @@ class GradEngine:
                 # backward ran only under no_sync() since the last step: reduce what accumulated in param.grad
                 self._check_not_rewritten(hooked)
                 self.packed_at_step = True
+                self._final = False  # reduced at step(): the optimizer's step() applies it
                 for bucket in hooked:
                     self._pack_leftovers(bucket)
-                    if bucket.full is None:
+                    if bucket.full is None and not bucket.direct:
                         self._track_alloc(bucket)
                     bucket.fill_missing()
                     self._launch(bucket)
@@ -476,11 +568,14 @@ class GradEngine:
     def clear(self) -> None:
         """Forget every gradient held (sharded or in flight) and any half-finished backward round."""
         self._reduced = False
+        self._final = False
         self._drain()
+        self._drain_gathers()
         for bucket in self.buckets:
             bucket.clear_grads()
         self.rounds = 0
         self.full_bytes = 0
+        self.shard_bytes = 0
         self._next = 0
         self._round_active = False  # a backward that raised never ran its end-of-backward callback
         self.errors.clear()

@@ -237,6 +237,110 @@ def adamw(*args, impl: str = "auto", **kwargs) -> None:
     kernel(*args, **kwargs)
 
 
+# ----------------------------------------------------------------------------------------------------- LOMO
+def sgd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    decay: str = "decoupled",
+    lr_max: float | None = None,
+    grad_scale: float | Tensor | None = None,
+) -> None:
+    r"""The LOMO rule (Lv et al., 2024): plain SGD, :math:`\theta \leftarrow \theta - \gamma_t g`, with the
+    same three decay modes as AdamW (LOMO itself decays decoupled: :math:`\theta(1 - \gamma_t\lambda)` first).
+    Foreach ops; ``steps`` are counted (no bias correction needs them, checkpoints and schedules do)."""
+    if decay not in DECAY_MODES:
+        raise ValueError(f"Unknown decay mode {decay!r}; expected one of {DECAY_MODES}")
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    if grad_scale is not None:
+        grads = torch._foreach_div(grads, _scalar(grad_scale))
+    if weight_decay != 0:
+        if decay == "l2":
+            grads = torch._foreach_add(grads, params, alpha=weight_decay)
+        else:
+            torch._foreach_mul_(params, 1 - lr * effective_weight_decay(decay, weight_decay, lr_max))
+    torch._foreach_add_(params, grads, alpha=-lr)
+
+
+# -------------------------------------------------------------------------------------------------- AdaLomo
+#
+# AdaLomo (Lv et al., 2023, "AdaLomo: Low-memory Optimization with Adaptive Learning Rate"), per parameter θ with
+# gradient g at step t (t counts from 1), decay_rate = -0.8, eps = (1e-30, 1e-3), clip_threshold d = 1:
+#
+#     β₂ = 1 - t^decay_rate,   u = g² + eps₀
+#     matrices (the last two dims, batched over leading dims, e.g. fused MoE experts [E, out, in]):
+#         R ← β₂ R + (1-β₂) mean(u, -1);   C ← β₂ C + (1-β₂) mean(u, -2)
+#         v̂ = (R / mean(R, -1))[..., :, None] · C[..., None, :]
+#     vectors:  V ← β₂ V + (1-β₂) u;   v̂ = V
+#     û = g / sqrt(v̂);   û ← û / max(1, RMS(û) / d)               (grouped update normalisation, per parameter)
+#     γ = lr_t · max(eps₁, RMS(θ));   θ ← θ(1 - γλ);   θ ← θ - γ û
+#
+# Sharded, a rank owns a contiguous range of θ's flattened elements, cutting rows arbitrarily. The functions below
+# work on such a range: ``factored_partial_sums`` gives the rank's partial row/column sums (summed over ranks they
+# are the full sums, so R and C stay replicated and identical everywhere), ``factored_scale`` applies
+# rsqrt(R/mean R)[row] · rsqrt(C)[col] to the range.
+
+
+def _segments(lo: int, n: int, shape: tuple[int, ...]):
+    """Split the flat range [lo, lo+n) of a tensor of ``shape`` (>= 2-D, viewed as [B, R, C]) into pieces that lie
+    in one matrix row or cover whole rows of one batch: yields (start, length, row, batch, col0, full_rows)."""
+    C = shape[-1]
+    R = shape[-2]
+    pos, end = lo, lo + n
+    while pos < end:
+        row, col = divmod(pos, C)
+        b = row // R
+        if col or end - pos < C:  # a piece of one row
+            take = min(C - col, end - pos)
+            yield pos - lo, take, row, b, col, 0
+            pos += take
+        else:  # whole rows, up to the end of this batch (matrix) or of the range
+            rows = min((end - pos) // C, (b + 1) * R - row)
+            yield pos - lo, rows * C, row, b, 0, rows
+            pos += rows * C
+
+
+def factored_partial_sums(u: Tensor, lo: int, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Row sums ([B*R]) and column sums ([B*C]) of ``u`` (the flat range [lo, lo+len) of a [..., R, C] tensor),
+    zero where the range has no elements."""
+    C, R = shape[-1], shape[-2]
+    B = math.prod(shape[:-2])
+    rows = torch.zeros(B * R, dtype=u.dtype, device=u.device)
+    cols = torch.zeros(B * C, dtype=u.dtype, device=u.device)
+    for start, length, row, b, col, full in _segments(lo, u.numel(), shape):
+        piece = u[start : start + length]
+        if full:
+            block = piece.view(full, C)
+            rows[row : row + full] += block.sum(1)
+            cols[b * C : (b + 1) * C] += block.sum(0)
+        else:
+            rows[row] += piece.sum()
+            cols[b * C + col : b * C + col + length] += piece
+    return rows, cols
+
+
+def factored_scale(x: Tensor, lo: int, shape: tuple[int, ...], row_factor: Tensor, col_factor: Tensor) -> None:
+    """In place: x[k] *= row_factor[row(k)] * col_factor[batch(k), col(k)] for the flat range x = [lo, lo+len)."""
+    C = shape[-1]
+    for start, length, row, b, col, full in _segments(lo, x.numel(), shape):
+        piece = x[start : start + length]
+        if full:
+            block = piece.view(full, C)
+            block.mul_(row_factor[row : row + full].unsqueeze(1)).mul_(col_factor[b * C : (b + 1) * C].unsqueeze(0))
+        else:
+            piece.mul_(row_factor[row]).mul_(col_factor[b * C + col : b * C + col + length])
+
+
+def adalomo_beta2(step: float, decay_rate: float = -0.8) -> float:
+    """β₂ at step ``step`` (counted from 1): 1 - t^decay_rate (0 at t = 1: the first estimate is g² itself)."""
+    return 1.0 - math.pow(step, decay_rate)
+
+
 def clip_coefficient(total_norm: float, max_norm: float | None) -> float:
     """``min(1, max_norm / (total_norm + 1e-6))`` -- the factor ``torch.nn.utils.clip_grad_norm_`` applies."""
     if max_norm is None or not math.isfinite(total_norm):

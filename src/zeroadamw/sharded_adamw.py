@@ -37,6 +37,7 @@ import contextlib
 import copy
 import math
 import warnings
+import weakref
 import zlib
 from typing import Any, Callable, Iterable
 
@@ -62,6 +63,18 @@ models on fast interconnects (Megatron uses 40M), lower it for small models to g
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 _HYPER = ("lr", "betas", "eps", "weight_decay", "decay")
+RULES = ("adamw", "lomo", "adalomo")
+
+
+def _weak_apply(opt: "ShardedAdamW"):
+    """The engine's fused-update callback, holding the optimizer weakly (no reference cycle through hooks)."""
+    ref = weakref.ref(opt)
+
+    def apply(bucket):
+        o = ref()
+        return None if o is None else o._apply_in_backward(bucket)
+
+    return apply
 _UNSUPPORTED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
 
 
@@ -182,9 +195,26 @@ class ShardedAdamW(torch.optim.Optimizer):
         grads_reduced: bool = False,
         reduce_dtype: torch.dtype | None = None,
         impl: str = "auto",
+        step_in_backward: bool = False,
+        rule: str = "adamw",
+        adalomo_eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, decay=decay)
+        if rule not in RULES:
+            raise ValueError(f"Unknown rule {rule!r}; expected one of {', '.join(RULES)}")
+        if rule == "adalomo":
+            if (not isinstance(adalomo_eps, (tuple, list)) or len(adalomo_eps) != 2
+                    or not all(isinstance(e, (int, float)) and e >= 0 for e in adalomo_eps)):
+                raise ValueError(f"adalomo_eps must be a pair of non-negative floats, got {adalomo_eps!r}")
+            if not clip_threshold > 0:
+                raise ValueError(f"clip_threshold must be > 0, got {clip_threshold}")
+            if not decay_rate < 0:
+                raise ValueError(f"decay_rate must be < 0 (beta2_t = 1 - t**decay_rate), got {decay_rate}")
+            defaults.update(adalomo_eps=tuple(adalomo_eps), clip_threshold=float(clip_threshold),
+                            decay_rate=float(decay_rate))
         _validate_hyper(defaults)
         if stage not in (1, 2) or isinstance(stage, bool):
             raise ValueError(f"stage must be 1 (shard optimizer state) or 2 (also shard gradients), got {stage!r}")
@@ -206,14 +236,27 @@ class ShardedAdamW(torch.optim.Optimizer):
             )
         if impl not in ("auto", *F.KERNELS):
             raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(F.KERNELS)}")
+        if step_in_backward and stage != 2:
+            raise ValueError("step_in_backward reduces (and updates) during backward, which is stage 2; use stage=2")
+        if step_in_backward and grads_reduced:
+            raise ValueError(
+                "step_in_backward reduces gradients itself in backward hooks; don't wrap the model in DDP "
+                "(grads_reduced=True is for DDP + stage 1)")
         self.stage = stage
         self.bucket_size = bucket_size
         self.master_dtype = master_dtype
         self.reduce_dtype = reduce_dtype
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.impl = impl
+        self.rule = rule
+        self.step_in_backward = bool(step_in_backward)
         self.comm = Comm(process_group)
-        self.engine = GradEngine(stage, grads_reduced)
+        self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
+        if self.step_in_backward and self.max_grad_norm is None:
+            self.engine.apply_fn = _weak_apply(self)  # fused: each bucket is updated as soon as it is reduced
+        self.skipped_buckets = 0
+        self._bucket_skipped = False
+        self._applied_sumsq = torch.zeros((), dtype=torch.float64)
         self.grad_norm: float | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
@@ -341,13 +384,19 @@ class ShardedAdamW(torch.optim.Optimizer):
         self._state_ready = True
 
     def _init_bucket_state(self, bucket: Bucket) -> None:
-        bucket.init_state()
+        bucket.init_state(moments=self.rule == "adamw")
         for i, p in enumerate(bucket.params):
-            st = {
-                "step": torch.zeros((), dtype=torch.float32, device=p.device),
-                "exp_avg": bucket.shard_view(bucket.exp_avg, i),
-                "exp_avg_sq": bucket.shard_view(bucket.exp_avg_sq, i),
-            }
+            st: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+            if self.rule == "adamw":
+                st["exp_avg"] = bucket.shard_view(bucket.exp_avg, i)
+                st["exp_avg_sq"] = bucket.shard_view(bucket.exp_avg_sq, i)
+            elif self.rule == "adalomo":
+                kw = dict(dtype=torch.float32, device=p.device)
+                if p.ndim >= 2:  # factored second moment over the last two dims, replicated on every rank
+                    st["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **kw)
+                    st["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **kw)
+                else:  # a vector: its second moment is element-wise, sharded like the param
+                    st["exp_avg_sq"] = torch.zeros(bucket.layout.slots[i].owned, **kw)
             if bucket.master is not None:
                 st["master"] = bucket.shard_view(bucket.master, i)
                 self._master_stale.add(p)  # re-read from the param at its first update (weights may change before)
@@ -367,10 +416,19 @@ class ShardedAdamW(torch.optim.Optimizer):
                         st["exp_avg_sq"] = bucket.shard_view(bucket.exp_avg_sq, i)
                         if bucket.master is not None:
                             st["master"] = bucket.shard_view(bucket.master, i)
+                        for k in ("exp_avg_sq_row", "exp_avg_sq_col") + (("exp_avg_sq",) if self.rule == "adalomo" else ()):
+                            if k in st:
+                                st[k] = st[k].to(dev)
 
     def state_bytes(self) -> int:
-        """Bytes of optimizer state this rank holds: ``exp_avg`` + ``exp_avg_sq`` (+ master) of its shard."""
-        return sum(b.state_bytes() for b in self.engine.buckets)
+        """Bytes of optimizer state this rank holds: ``exp_avg`` + ``exp_avg_sq`` (+ master) of its shard (AdamW);
+        the factored / sharded second moments (+ master) for AdaLomo; the master for LOMO."""
+        flat = sum(b.state_bytes() for b in self.engine.buckets)
+        if self.rule != "adalomo":
+            return flat
+        extra = sum(t.numel() * t.element_size() for st in self.state.values()
+                    for k, t in st.items() if k.startswith("exp_avg_sq"))
+        return flat + extra
 
     def comm_counters(self) -> dict[str, dict[str, int]]:
         """Collective calls and bytes sent by this rank since the last :meth:`reset_comm_counters`."""
@@ -407,8 +465,14 @@ class ShardedAdamW(torch.optim.Optimizer):
             self._warn_if_resumed_without_state()
 
         scale = self._loss_scale(grad_scaler)
+        if engine.fused and scale is not None:
+            local_errors.append((RuntimeError, (
+                "step_in_backward without max_grad_norm updates each bucket during backward, before the loss "
+                "scale is known; with fp16 + GradScaler use step_in_backward=True with max_grad_norm=... (the "
+                "update then waits for step()), or bf16 without a scaler")))
         errors = local_errors + engine.errors
         sumsq, presence = self._local_stats()
+        sumsq = sumsq + self._applied_sumsq
         flushed = engine.flushed_flags()
         # one small all-reduce: [sum of squared shard grads, error flag, presence per param, flushed per bucket]
         stats = torch.cat([sumsq.reshape(1), torch.tensor([float(bool(errors))], dtype=torch.float64), presence,
@@ -426,8 +490,12 @@ class ShardedAdamW(torch.optim.Optimizer):
         norm = math.sqrt(total_sq) if math.isfinite(total_sq) else float("nan")
         if scale is not None:
             norm /= scale
+        if self._bucket_skipped:
+            norm = float("nan")  # part of this step's gradient was not finite (those buckets were skipped)
         self.grad_norm = norm
         finite = math.isfinite(norm)
+        self._bucket_skipped = False
+        self._applied_sumsq = torch.zeros((), dtype=torch.float64)
         if grad_scaler is not None and grad_scaler.is_enabled():
             self._report_found_inf(grad_scaler, not finite)
         self.last_step_skipped = not finite
@@ -446,7 +514,7 @@ class ShardedAdamW(torch.optim.Optimizer):
             n = len(bucket.params)
             here = present[pos : pos + n]
             pos += n
-            if not any(here):
+            if bucket.applied or not any(here):
                 continue
             self._update_bucket(bucket, here, grad_scale)
             handle = engine.gather_params(bucket, [i for i in range(n) if here[i]])
@@ -457,6 +525,40 @@ class ShardedAdamW(torch.optim.Optimizer):
             pending.wait()
         engine.clear()
         return loss
+
+    def _apply_in_backward(self, bucket: Bucket):
+        """Fused step in backward: ``bucket``'s reduced gradient of the last micro-batch is ready -- agree with the
+        other ranks on which of its params got a gradient and whether it is finite, update the owned shard now,
+        and start the all-gather. Returns the gather handle (the engine waits for it)."""
+        flags = torch.tensor(bucket.present + [0.0], dtype=torch.float32)
+        g = bucket.shard_grad
+        if g is not None:
+            sq = _sum_of_squares([g])
+            flags[-1] = 0.0 if math.isfinite(sq.item()) else 1.0
+            if math.isfinite(sq.item()):
+                self._applied_sumsq += sq
+        if bucket.comm.world_size > 1:
+            flags = flags.to(self._collective_device())
+            bucket.comm.all_reduce(flags, label="control")
+            flags = flags.cpu()
+        present = (flags[:-1] > 0).tolist()
+        bucket.applied = True
+        if flags[-1].item() > 0:  # non-finite somewhere in this bucket, on some rank: skip it everywhere
+            self.skipped_buckets += 1
+            self._bucket_skipped = True
+            bucket.shard_grad = None
+            return None
+        if not self._state_ready:
+            self._init_state()
+        if not self._resume_checked:
+            self._warn_if_resumed_without_state()
+        if not any(present):
+            bucket.shard_grad = None
+            return None
+        self._update_bucket(bucket, present, None)
+        handle = self.engine.gather_params(bucket, [i for i in range(len(present)) if present[i]])
+        bucket.shard_grad = None  # the gradient memory goes right here
+        return handle
 
     def _local_checks(self) -> list[tuple[type, str]]:
         """Problems this rank can see before any collective; reported with the others' in the control all-reduce."""
@@ -559,6 +661,9 @@ class ShardedAdamW(torch.optim.Optimizer):
 
     def _update_bucket(self, bucket: Bucket, present: list[bool], grad_scale: float | None) -> None:
         group = self.param_groups[bucket.group_index]
+        if self.rule == "adalomo":  # every rank with a present param takes part in its (small) all-reduces
+            self._refresh_master(bucket, [i for i in range(len(present)) if present[i]])
+            return self._adalomo_bucket(bucket, present, grad_scale, group)
         idx, lonely_steps = [], []
         for i, s in enumerate(bucket.layout.slots):
             if not present[i]:
@@ -571,60 +676,167 @@ class ShardedAdamW(torch.optim.Optimizer):
             torch._foreach_add_(lonely_steps, 1)
         if not idx:
             return
-        if bucket.master is not None and self._master_stale:
-            for i in idx:  # first update since the state was created: the params may have changed meanwhile
-                p = bucket.params[i]
-                if p in self._master_stale:
-                    bucket.shard_view(bucket.master, i).copy_(bucket.owned_param_view(i))
-                    self._master_stale.discard(p)
+        self._refresh_master(bucket, idx)
         target = bucket.master if bucket.master is not None else None
         params = [bucket.shard_view(target, i) if target is not None else bucket.owned_param_view(i) for i in idx]
         grads = self.engine.grad_views(bucket, idx)
         if grads and grads[0].dtype != params[0].dtype:
             grads = [g.to(params[0].dtype) for g in grads]
+        steps = [self.state[bucket.params[i]]["step"] for i in idx]
+        common = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], decay=group["decay"],
+                      lr_max=_lr_max(group), grad_scale=grad_scale)
+        if self.rule == "lomo":
+            F.sgd(params, grads, steps, **common)
+            return
         beta1, beta2 = group["betas"]
         F.adamw(
             params,
             grads,
             [bucket.shard_view(bucket.exp_avg, i) for i in idx],
             [bucket.shard_view(bucket.exp_avg_sq, i) for i in idx],
-            [self.state[bucket.params[i]]["step"] for i in idx],
-            lr=float(group["lr"]),
+            steps,
             beta1=beta1,
             beta2=beta2,
             eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decay=group["decay"],
-            lr_max=_lr_max(group),
-            grad_scale=grad_scale,
             impl=self.impl,
+            **common,
         )
+
+    def _refresh_master(self, bucket: Bucket, idx: list[int]) -> None:
+        if bucket.master is None or not self._master_stale:
+            return
+        for i in idx:  # first update since the state was created: the params may have changed meanwhile
+            p = bucket.params[i]
+            if p in self._master_stale:
+                if bucket.layout.slots[i].owned:
+                    bucket.shard_view(bucket.master, i).copy_(bucket.owned_param_view(i))
+                self._master_stale.discard(p)
+
+    def _adalomo_bucket(self, bucket: Bucket, present: list[bool], grad_scale: float | None, group: dict) -> None:
+        """AdaLomo on the owned ranges of a bucket's present params (see functional.py for the math). Row/column
+        statistics and the two per-parameter RMS values need sums over whole parameters: two small all-reduces
+        per bucket make them identical on every rank."""
+        eps0, eps1 = group["adalomo_eps"]
+        d, rate = group["clip_threshold"], group["decay_rate"]
+        lr, wd, decay = float(group["lr"]), group["weight_decay"], group["decay"]
+        idx = [i for i in range(len(present)) if present[i]]
+        if not idx:
+            return
+        grads = dict(zip(idx, self.engine.grad_views(bucket, idx) if self.engine.sharded(bucket) else
+                         [bucket.owned_grad_or_empty(i) for i in idx]))
+        items = []
+        parts = []
+        for i in idx:
+            p, s = bucket.params[i], bucket.layout.slots[i]
+            st = self.state[p]
+            st["step"] += 1
+            theta = bucket.shard_view(bucket.master, i) if bucket.master is not None else bucket.owned_param_view(i)
+            th32 = theta if theta.dtype == torch.float32 else theta.float()
+            g = grads[i].to(torch.float32, copy=True)
+            if grad_scale is not None:
+                g.div_(grad_scale)
+            if decay == "l2" and wd:
+                g.add_(th32, alpha=wd)
+            u = g * g + eps0
+            if p.ndim >= 2:
+                rows, cols = F.factored_partial_sums(u, s.own_lo, tuple(p.shape))
+                parts += [rows, cols]
+            parts.append(th32.square().sum().reshape(1))
+            items.append((i, p, s, st, theta, th32, g, u))
+        sums = torch.cat([t.to(torch.float32) for t in parts])
+        if bucket.comm.world_size > 1:
+            bucket.comm.all_reduce(sums, label="adalomo")
+        usq_parts, pos, updates = [], 0, []
+        for i, p, s, st, theta, th32, g, u in items:
+            beta = F.adalomo_beta2(float(st["step"]), rate)
+            if p.ndim >= 2:
+                R, C = p.shape[-2], p.shape[-1]
+                nrow, ncol = st["exp_avg_sq_row"].numel(), st["exp_avg_sq_col"].numel()
+                row_tot, col_tot = sums[pos : pos + nrow], sums[pos + nrow : pos + nrow + ncol]
+                pos += nrow + ncol
+                row_s, col_s = st["exp_avg_sq_row"].view(-1), st["exp_avg_sq_col"].view(-1)
+                row_s.mul_(beta).add_(row_tot / C, alpha=1 - beta)
+                col_s.mul_(beta).add_(col_tot / R, alpha=1 - beta)
+                r = row_s.view(-1, R)
+                row_factor = (r / r.mean(dim=-1, keepdim=True)).rsqrt().view(-1)
+                upd = g.clone()
+                F.factored_scale(upd, s.own_lo, tuple(p.shape), row_factor, col_s.rsqrt())
+            else:
+                v = st["exp_avg_sq"]
+                v.mul_(beta).add_(u, alpha=1 - beta)
+                upd = g * v.rsqrt()
+            psq = sums[pos]
+            pos += 1
+            usq_parts.append(upd.square().sum().reshape(1))
+            updates.append((p, s, theta, th32, upd, psq))
+        usq = torch.cat(usq_parts)
+        if bucket.comm.world_size > 1:
+            bucket.comm.all_reduce(usq, label="adalomo")
+        for (p, s, theta, th32, upd, psq), sq in zip(updates, usq.tolist()):
+            n = p.numel()
+            upd.div_(max(1.0, math.sqrt(sq / n) / d))
+            gamma = lr * max(eps1, math.sqrt(float(psq) / n))
+            if wd and decay != "l2":
+                th32.mul_(1 - gamma * F.effective_weight_decay(decay, wd, _lr_max(group)))
+            th32.add_(upd, alpha=-gamma)
+            if th32 is not theta:
+                theta.copy_(th32)
 
     # ---------------------------------------------------------------------------------------- state_dict
     def _index(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _state_kinds(self, p: Tensor) -> dict[str, tuple[str, Tensor]]:
+        """This rank's state of ``p`` by kind: ``("range", t)`` -- the owned elements ``own_lo:own_hi`` of a tensor
+        shaped like ``p`` (sharded) -- or ``("full", t)`` -- a whole tensor every rank holds identically."""
+        st = self.state[p]
+        out = {}
+        for k, t in st.items():
+            if k == "step":
+                continue
+            full = k in ("exp_avg_sq_row", "exp_avg_sq_col")
+            out[k] = ("full" if full else "range", t)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The consolidated state, in ``torch.optim.AdamW``'s format. A collective: call it on every rank.
 
         ``state`` maps the param index (counted over ``param_groups`` as torch does, frozen params included) to
         ``step``, ``exp_avg``, ``exp_avg_sq`` (full shape) and, for bf16/fp16 params, ``master`` (fp32 weights).
-        ``torch.optim.AdamW(...).load_state_dict(sd)`` accepts it. Every rank receives the full state, so this
-        costs the full unsharded state in memory; for large models use :mod:`zeroadamw.checkpoint`.
+        ``torch.optim.AdamW(...).load_state_dict(sd)`` accepts it. (``rule="adalomo"``: ``exp_avg_sq_row`` /
+        ``exp_avg_sq_col`` for matrices, ``exp_avg_sq`` for vectors; ``rule="lomo"``: ``step`` and ``master``.)
+        Every rank receives the full state, so this costs the full unsharded state in memory; for large models
+        use :mod:`zeroadamw.checkpoint`.
         """
         self._relocate_if_needed()
         index = {p: k for k, p in enumerate(self._index())}
         state: dict[int, dict[str, Tensor]] = {}
         if self._state_ready:
             for bucket in self.engine.buckets:
-                full = {name: self._gather_flat(bucket, getattr(bucket, name)) for name in ("exp_avg", "exp_avg_sq", "master") if getattr(bucket, name) is not None}
+                kinds = {}
+                for p in bucket.params:
+                    for k, (how, t) in self._state_kinds(p).items():
+                        if how == "range":
+                            kinds.setdefault(k, t.dtype)
+                gathered = {}
+                for k, dtype in kinds.items():
+                    flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
+                    if flat is None:  # per-param ranges (AdaLomo's vector moments): pack into a flat shard first
+                        flat = torch.zeros(bucket.layout.shard, dtype=dtype, device=bucket.device)
+                        for i, p in enumerate(bucket.params):
+                            if k in self.state[p]:
+                                bucket.shard_view(flat, i).copy_(self.state[p][k])
+                    gathered[k] = self._gather_flat(bucket, flat)
                 for i, p in enumerate(bucket.params):
                     if self.state[p]["step"].item() == 0:
                         continue  # never updated: no state, as in torch
                     s = bucket.layout.slots[i]
                     entry = {"step": self.state[p]["step"].detach().clone()}
-                    for name, flat in full.items():
-                        entry[name] = flat[s.offset : s.offset + s.numel].view_as(p).clone()
+                    for k, (how, t) in self._state_kinds(p).items():
+                        if how == "range":
+                            entry[k] = gathered[k][s.offset : s.offset + s.numel].view_as(p).clone()
+                        else:
+                            entry[k] = t.detach().clone()
                     state[index[p]] = entry
         groups = []
         for group in self.param_groups:
@@ -669,6 +881,7 @@ class ShardedAdamW(torch.optim.Optimizer):
             ng.setdefault("decay", g["decay"])
             _validate_hyper(ng, f" (loaded param group {gi})")
             new_groups.append(ng)
+        self._init_state()  # allocating state changes nothing observable; validation below reads its shapes
         entries: list[tuple[Tensor, dict[str, Any]]] = []
         for key, st in state_dict["state"].items():
             k = int(key)
@@ -677,42 +890,46 @@ class ShardedAdamW(torch.optim.Optimizer):
             p = id_to_param[k]
             if p not in self.engine.where:
                 continue  # frozen (or empty) now: it has no optimizer state here
-            for name in ("exp_avg", "exp_avg_sq", "master"):
-                if name in st:
-                    t = st[name]
-                    if not isinstance(t, Tensor) or t.shape != p.shape:
-                        raise ValueError(
-                            f"param index {k}: loaded {name} has shape {tuple(getattr(t, 'shape', ()))}, the "
-                            f"parameter has shape {tuple(p.shape)}; the state dict belongs to a different model"
-                        )
-            if "exp_avg" not in st or "exp_avg_sq" not in st or "step" not in st:
-                raise ValueError(f"param index {k}: loaded state lacks step/exp_avg/exp_avg_sq (not AdamW state?)")
+            if "step" not in st:
+                raise ValueError(f"param index {k}: loaded state has no 'step'")
+            for kind, (how, mine) in self._state_kinds(p).items():
+                if kind not in st:
+                    if kind == "master":
+                        continue
+                    raise ValueError(
+                        f"param index {k}: loaded state lacks {kind!r} -- it was written by another update rule "
+                        f"than this optimizer's rule={self.rule!r}")
+                t = st[kind]
+                want = p.shape if how == "range" else mine.shape
+                if not isinstance(t, Tensor) or t.shape != want:
+                    raise ValueError(
+                        f"param index {k}: loaded {kind} has shape {tuple(getattr(t, 'shape', ()))}, expected "
+                        f"{tuple(want)}; the state dict belongs to a different model"
+                    )
             entries.append((p, st))
         # validated: now change things
         for g, ng in zip(self.param_groups, new_groups):
             g.update({k: v for k, v in ng.items() if k != "params"})
-        self._init_state()
         loaded = {p for p, _ in entries}
         for bucket in self.engine.buckets:
             for i, p in enumerate(bucket.params):
-                mine = self.state[p]
                 if p not in loaded:  # trainable but never stepped when saved: fresh state, as in torch
-                    mine["step"].zero_()
-                    bucket.shard_view(bucket.exp_avg, i).zero_()
-                    bucket.shard_view(bucket.exp_avg_sq, i).zero_()
-                    if bucket.master is not None:
-                        self._master_stale.add(p)
+                    self.state[p]["step"].zero_()
+                    for kind, (how, t) in self._state_kinds(p).items():
+                        if kind == "master":
+                            self._master_stale.add(p)
+                        else:
+                            t.zero_()
         for p, st in entries:
             bucket, i = self.engine.where[p]
             s = bucket.layout.slots[i]
             step = st["step"]
             self.state[p]["step"].fill_(float(step.item() if isinstance(step, Tensor) else step))
-            for name in ("exp_avg", "exp_avg_sq"):
-                src = st[name].reshape(-1)[s.own_lo : s.own_hi]
-                bucket.shard_view(getattr(bucket, name), i).copy_(src)
-            if bucket.master is not None:
-                if "master" in st:
-                    bucket.shard_view(bucket.master, i).copy_(st["master"].reshape(-1)[s.own_lo : s.own_hi])
-                    self._master_stale.discard(p)
-                else:
+            for kind, (how, t) in self._state_kinds(p).items():
+                if kind == "master" and "master" not in st:
                     self._master_stale.add(p)
+                    continue
+                src = st[kind]
+                t.copy_(src.reshape(-1)[s.own_lo : s.own_hi] if how == "range" else src)
+                if kind == "master":
+                    self._master_stale.discard(p)
