@@ -79,7 +79,8 @@ class Bucket:
         self.pending = len(params)
         self.rs_out: Tensor | None = None
         self.handle: Handle | None = None
-        self.direct = False  # one process, step in backward: gradients land straight in shard_grad
+        self.direct = False  # one process, step in backward: gradients are kept per param (direct_grads), no copy
+        self.direct_grads: list[Tensor | None] = [None] * len(params)
         self.applied = False  # updated during backward this step (fused step-in-backward)
         # reduced, averaged gradient of the owned shard (accumulated over backward passes until step)
         self.tracker = None  # the engine: counts gradient memory as shard_grad comes and goes
@@ -133,9 +134,15 @@ class Bucket:
     def land(self, i: int, grad: Tensor) -> None:
         """Copy parameter ``i``'s gradient into the flat buffer (adds if it already landed this round)."""
         if self.direct:
-            if self.shard_grad is None:
-                self.shard_grad = torch.zeros(self.layout.shard, dtype=self.acc_dtype, device=self.device)
-            self.shard_view(self.shard_grad, i).add_(_flat(grad))
+            # keep autograd's gradient tensor itself (no copy) when it already has the accumulation dtype
+            held = self.direct_grads[i]
+            if held is None:
+                held = _flat(grad) if grad.dtype == self.acc_dtype else _flat(grad).to(self.acc_dtype)
+                self.direct_grads[i] = held
+                if self.tracker is not None:
+                    self.tracker._count_shard(held.numel() * held.element_size())
+            else:
+                held.add_(_flat(grad))
             if not self.landed[i]:
                 self.landed[i] = True
                 self.pending -= 1
@@ -196,8 +203,23 @@ class Bucket:
         self.pending = len(self.params)
         self.launched = False
 
-    def clear_grads(self) -> None:
+    def reduced_grads(self) -> list[Tensor]:
+        """The averaged gradient this bucket holds for its owned shard, as flat tensors."""
+        if self.direct:
+            return [g for g in self.direct_grads if g is not None]
+        return [] if self.shard_grad is None else [self.shard_grad]
+
+    def release_grads(self) -> None:
+        """Free the reduced gradient (after the update used it)."""
+        if self.direct:
+            freed = sum(g.numel() * g.element_size() for g in self.direct_grads if g is not None)
+            if self.tracker is not None and freed:
+                self.tracker._count_shard(-freed)
+            self.direct_grads = [None] * len(self.params)
         self.shard_grad = None
+
+    def clear_grads(self) -> None:
+        self.release_grads()
         self.full = self.rs_out = self.handle = None
         self.present = [False] * len(self.params)
         self.flushed = False
@@ -557,6 +579,13 @@ class GradEngine:
 
     def grad_views(self, bucket: Bucket, indices: list[int]) -> list[Tensor]:
         """The averaged gradient of the owned part of each parameter ``indices`` of ``bucket``."""
+        if bucket.direct:
+            out = []
+            for i in indices:
+                g = bucket.direct_grads[i]
+                out.append(g if g is not None else torch.zeros(bucket.params[i].numel(), dtype=bucket.acc_dtype,
+                                                               device=bucket.device))
+            return out
         if self.sharded(bucket):
             return [bucket.shard_view(bucket.shard_grad, i) for i in indices]
         out = []

@@ -166,6 +166,14 @@ class ShardedAdamW(torch.optim.Optimizer):
         reduce_dtype: dtype gradients are communicated in (default: the param dtype, as DDP does).
         impl: update kernel: ``"auto"`` (fused where supported, else foreach), ``"fused"``, ``"foreach"``,
             ``"reference"``.
+        step_in_backward: update each bucket during backward, as soon as its (reduced) gradient exists, and free
+            the gradient right there (LOMO's memory saving, any N). With ``max_grad_norm`` the reduced 1/N shards
+            are held until backward ends and the update waits for ``step()`` (exact clipping, no second backward).
+            Under ``no_sync()`` every backward still reduces, into an fp32 1/N accumulator; the backward outside
+            it updates.
+        rule: ``"adamw"`` (default), ``"lomo"`` (SGD, as in LOMO) or ``"adalomo"`` (factored second moment with
+            grouped update normalisation, as in AdaLomo); with or without ``step_in_backward``.
+        adalomo_eps, clip_threshold, decay_rate: AdaLomo's hyperparameters (the paper's defaults).
 
     After ``step()``: :attr:`grad_norm` (float, before clipping; after loss-scale unscaling) and
     :attr:`last_step_skipped` (``True`` when a non-finite gradient anywhere skipped the step on every rank).
@@ -531,9 +539,9 @@ class ShardedAdamW(torch.optim.Optimizer):
         other ranks on which of its params got a gradient and whether it is finite, update the owned shard now,
         and start the all-gather. Returns the gather handle (the engine waits for it)."""
         flags = torch.tensor(bucket.present + [0.0], dtype=torch.float32)
-        g = bucket.shard_grad
-        if g is not None:
-            sq = _sum_of_squares([g])
+        held = bucket.reduced_grads()
+        if held:
+            sq = _sum_of_squares(held)
             flags[-1] = 0.0 if math.isfinite(sq.item()) else 1.0
             if math.isfinite(sq.item()):
                 self._applied_sumsq += sq
@@ -546,18 +554,18 @@ class ShardedAdamW(torch.optim.Optimizer):
         if flags[-1].item() > 0:  # non-finite somewhere in this bucket, on some rank: skip it everywhere
             self.skipped_buckets += 1
             self._bucket_skipped = True
-            bucket.shard_grad = None
+            bucket.release_grads()
             return None
         if not self._state_ready:
             self._init_state()
         if not self._resume_checked:
             self._warn_if_resumed_without_state()
         if not any(present):
-            bucket.shard_grad = None
+            bucket.release_grads()
             return None
         self._update_bucket(bucket, present, None)
         handle = self.engine.gather_params(bucket, [i for i in range(len(present)) if present[i]])
-        bucket.shard_grad = None  # the gradient memory goes right here
+        bucket.release_grads()  # the gradient memory goes right here
         return handle
 
     def _local_checks(self) -> list[tuple[type, str]]:
@@ -652,8 +660,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         for bucket in engine.buckets:
             flags.extend(bucket.present)
             if engine.sharded(bucket):
-                if bucket.shard_grad is not None:
-                    tensors.append(bucket.shard_grad)
+                tensors.extend(bucket.reduced_grads())
             else:
                 idx = [i for i, s in enumerate(bucket.layout.slots) if bucket.present[i] and s.owned]
                 tensors.extend(engine.grad_views(bucket, idx))
