@@ -20,8 +20,11 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _worker(rank, world_size, fn, args, store_path, out_dir, env):
+def _worker(rank, world_size, fn, args, store_path, out_dir, env, init):
     os.environ.update(env)
+    if not init:  # torchrun-style environment; the code under test initialises the process group itself
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     import warnings
@@ -31,7 +34,8 @@ def _worker(rank, world_size, fn, args, store_path, out_dir, env):
 
     out = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+        if init:
+            dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, out)
     except BaseException:  # noqa: BLE001 - report everything to the parent, which raises it
@@ -41,12 +45,26 @@ def _worker(rank, world_size, fn, args, store_path, out_dir, env):
         dist.destroy_process_group()
 
 
-def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict[str, str] | None = None) -> list:
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(fn, world_size: int, *args, timeout: float = 300.0, env: dict[str, str] | None = None,
+        init: bool = True) -> list:
+    """``init=False``: don't create the process group; set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT as
+    torchrun does (for code that initialises it itself, like transformers / accelerate)."""
+    env = dict(env or {})
+    if not init:
+        env.setdefault("MASTER_PORT", str(_free_port()))
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         ctx = mp.get_context("spawn")
         procs = [
-            ctx.Process(target=_worker, args=(r, world_size, fn, args, store, tmp, env or {}), daemon=False)
+            ctx.Process(target=_worker, args=(r, world_size, fn, args, store, tmp, env, init), daemon=False)
             for r in range(world_size)
         ]
         for p in procs:

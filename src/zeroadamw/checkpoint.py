@@ -430,6 +430,7 @@ def save(
     extra: dict | None = None,
     *,
     max_file_bytes: int = 2**26,
+    save_model: bool = True,
 ) -> None:
     """Write a checkpoint of ``model``, ``optimizer``, ``scheduler`` and ``extra`` to ``path``, atomically.
 
@@ -437,6 +438,8 @@ def save(
     process without it. Each rank writes only the optimizer state it owns, in files of at most
     ``max_file_bytes`` (default 64 MiB; DCP holds a CPU copy of one file's tensors while writing it).
     ``extra``: JSON-serialisable values and tensors (rank 0's copy is saved), returned by :func:`load`.
+    ``save_model=False`` uses ``model`` only to name the optimizer's parameters (e.g. inside a HF Trainer
+    checkpoint, which saves the weights itself).
     """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
@@ -445,7 +448,7 @@ def save(
     state: dict[str, Any] = {}
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "world_size": dist.get_world_size() if _dist() else 1,
                             "created": time.time(), "model": None, "optimizer": None, "scheduler": None}
-    if model is not None:
+    if model is not None and save_model:
         tensors = {}
         for k, t in model.state_dict().items():
             if not isinstance(t, Tensor):
@@ -583,12 +586,14 @@ def load(
     scheduler: Any = None,
     *,
     verify: bool = True,
+    load_model: bool = True,
 ) -> Any:
     """Load a checkpoint written by :func:`save` (at any world size and bucket size) in place; return ``extra``.
 
     A collective when ``torch.distributed`` is initialised. Restores the model *and* the optimizer; with
     ``optimizer=None`` while the checkpoint holds optimizer state, the model's params are marked so that a
     ShardedAdamW starting fresh on them warns. ``verify=False`` skips the CRC-32 check (sizes are always checked).
+    ``load_model=False`` uses ``model`` only to name the optimizer's parameters (its weights are not touched).
     """
     path = os.path.abspath(os.fspath(path))
     if _rank() == 0:
@@ -596,7 +601,7 @@ def load(
     _barrier()
     meta = _read_meta(path)
     names = _param_names(model, optimizer) if optimizer is not None else None
-    _validate(path, meta, model, optimizer, names)
+    _validate(path, meta, model if load_model else None, optimizer, names)
     share = (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
     table = meta.get("files") or {}
     _check(bool(table), f"{path}/{META_FILE} lists no files")
@@ -610,7 +615,7 @@ def load(
         raise CheckpointError(f"{path} is damaged: " + "; ".join(sorted(set(problems))))
 
     dest: dict[str, Any] = {}
-    if model is not None:
+    if model is not None and load_model:
         for k, t in model.state_dict().items():
             dest[f"model/{k}"] = t
     opt_meta = meta.get("optimizer")
@@ -670,7 +675,7 @@ def load(
             for p in model.parameters():
                 if hasattr(p, RESUMED_ATTR):
                     delattr(p, RESUMED_ATTR)
-    elif model is not None and opt_meta is not None and opt_meta.get("max_step", 0) > 0:
+    elif model is not None and load_model and opt_meta is not None and opt_meta.get("max_step", 0) > 0:
         for p in model.parameters():
             setattr(p, RESUMED_ATTR, opt_meta["max_step"])
     if scheduler is not None:

@@ -232,11 +232,6 @@ class ShardedAdamW(torch.optim.Optimizer):
             raise TypeError(f"master_dtype must be a floating torch.dtype or None, got {master_dtype!r}")
         if reduce_dtype is not None and (not isinstance(reduce_dtype, torch.dtype) or not reduce_dtype.is_floating_point):
             raise TypeError(f"reduce_dtype must be a floating torch.dtype or None, got {reduce_dtype!r}")
-        if max_grad_norm is not None:
-            if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)):
-                raise TypeError(f"max_grad_norm must be a float or None, got {type(max_grad_norm).__name__}")
-            if not max_grad_norm > 0:
-                raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
         if grads_reduced and stage != 1:
             raise ValueError(
                 "grads_reduced=True (gradients already averaged by DDP) needs stage=1: stage 2 reduce-scatters "
@@ -254,14 +249,13 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.bucket_size = bucket_size
         self.master_dtype = master_dtype
         self.reduce_dtype = reduce_dtype
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self.impl = impl
         self.rule = rule
         self.step_in_backward = bool(step_in_backward)
         self.comm = Comm(process_group)
         self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
-        if self.step_in_backward and self.max_grad_norm is None:
-            self.engine.apply_fn = _weak_apply(self)  # fused: each bucket is updated as soon as it is reduced
+        self.max_grad_norm = max_grad_norm  # (a property: with step_in_backward it picks fused vs exact clipping)
+        self.grad_norm_tensor = torch.zeros((), dtype=torch.float32)  # grad_norm as a 0-d tensor, updated in place
         self.skipped_buckets = 0
         self._bucket_skipped = False
         self._applied_sumsq = torch.zeros((), dtype=torch.float64)
@@ -278,6 +272,30 @@ class ShardedAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._check_same_layout(self._layout_signature)
         self._constructed = True
+        if not self.engine.buckets:
+            raise ValueError(
+                "ShardedAdamW got no trainable parameters (every parameter has requires_grad=False or is empty). "
+                "For LoRA/PEFT, build the optimizer after get_peft_model(...) so the adapters are trainable."
+            )
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """Global-norm clipping threshold (None: off). With step_in_backward, None means the fused variant (update
+        in backward) and a value means the exact variant (update in step()); changing it switches between them
+        (between steps)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"max_grad_norm must be a float or None, got {type(value).__name__}")
+            if not value > 0:
+                raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {value}")
+            value = float(value)
+        self._max_grad_norm = value
+        fused = self.step_in_backward and value is None
+        self.engine.apply_fn = _weak_apply(self) if fused else None
 
     # ------------------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -501,6 +519,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         if self._bucket_skipped:
             norm = float("nan")  # part of this step's gradient was not finite (those buckets were skipped)
         self.grad_norm = norm
+        self.grad_norm_tensor.fill_(norm)
         finite = math.isfinite(norm)
         self._bucket_skipped = False
         self._applied_sumsq = torch.zeros((), dtype=torch.float64)

@@ -1,0 +1,78 @@
+"""AdamW: the plain (non-sharding) optimizer of the family -- torch.optim.AdamW's behaviour with the three decay
+modes, for places where something else already partitions the state (DeepSpeed ZeRO hands its client optimizer
+flat fp32 partitions and replaces ``param_groups`` with them) or where you want no distributed machinery at all.
+
+It reads ``param_groups`` at every step (so whoever swaps the parameters in them is followed), keeps ``step``,
+``exp_avg``, ``exp_avg_sq`` per parameter exactly as ``torch.optim.AdamW`` does (its state dicts load in both),
+and runs the same kernels as ShardedAdamW (:mod:`zeroadamw.functional`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .sharded_adamw import _lr_max, _validate_hyper
+
+__all__ = ["AdamW"]
+
+
+class AdamW(torch.optim.Optimizer):
+    """Plain AdamW with ``decay`` in {"decoupled", "independent", "l2"} (see :class:`zeroadamw.ShardedAdamW`)."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        decay: str = "decoupled",
+        impl: str = "auto",
+    ) -> None:
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=decay)
+        _validate_hyper(defaults)
+        if impl not in ("auto", *F.KERNELS):
+            raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(F.KERNELS)}")
+        self.impl = impl
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
+        _validate_hyper(group, f" (param group {len(self.param_groups) - 1})")
+        group.setdefault("initial_lr", group["lr"])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            by_kind: dict[tuple, tuple[list, ...]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError("zeroadamw.AdamW does not take sparse gradients")
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                lists = by_kind.setdefault((p.device, p.dtype), ([], [], [], [], []))
+                for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
+                    lst.append(t)
+            beta1, beta2 = group["betas"]
+            for params, grads, m, v, steps in by_kind.values():
+                F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                        eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
+                        lr_max=_lr_max(group), impl=self.impl)
+        return loss
