@@ -19,12 +19,13 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml scripts/install_torch.sh
 	bash scripts/install_torch.sh $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[test,hf,bench]"
+	$(BIN)/python -m pip install -q --no-build-isolation "deepspeed>=0.15"
 	touch $@
 
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/torchrun --standalone --nproc_per_node $(NPROC) -m zeroadamw.demo
+	PATH=$(abspath $(BIN)):$$PATH bash launch/cpu_demo.sh
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -4,9 +4,10 @@ Imports only torch. Integrations with transformers / accelerate / deepspeed / pe
 ``zeroadamw.integrations`` and are imported lazily.
 """
 
+from .adamw import AdamW
 from .functional import DECAY_MODES
 from .sharded_adamw import DEFAULT_BUCKET_SIZE, ShardedAdamW
 
 __version__ = "0.1.0"
 
-__all__ = ["ShardedAdamW", "DECAY_MODES", "DEFAULT_BUCKET_SIZE", "__version__"]
+__all__ = ["ShardedAdamW", "AdamW", "DECAY_MODES", "DEFAULT_BUCKET_SIZE", "__version__"]

@@ -268,6 +268,7 @@ class GradEngine:
         self.max_inflight = max_inflight
         self.step_in_backward = step_in_backward
         self.apply_fn = None  # fused step in backward: optimizer callback(bucket) -> all-gather Handle or None
+        self.release_check = None  # optimizer callback: True when it no longer owns its params' gradients
         self._final = False  # the current backward round is the last micro-batch (outside no_sync())
         self._ag_inflight: deque[Handle] = deque()
         self.buckets: list[Bucket] = []  # update order
@@ -346,6 +347,8 @@ class GradEngine:
     def on_grad(self, p: Tensor) -> None:
         if self._no_sync and not self.step_in_backward:
             return
+        if not self._round_active and self.release_check is not None and self.release_check():
+            return  # the optimizer went plain (something else partitions): hooks removed, param.grad left alone
         self._reduced = False
         bucket, i = self.where[p]
         grad = p.grad

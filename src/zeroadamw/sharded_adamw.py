@@ -66,6 +66,16 @@ _HYPER = ("lr", "betas", "eps", "weight_decay", "decay")
 RULES = ("adamw", "lomo", "adalomo")
 
 
+def _weak_release(opt: "ShardedAdamW"):
+    ref = weakref.ref(opt)
+
+    def check() -> bool:
+        o = ref()
+        return o is None or o._check_plain()
+
+    return check
+
+
 def _weak_apply(opt: "ShardedAdamW"):
     """The engine's fused-update callback, holding the optimizer weakly (no reference cycle through hooks)."""
     ref = weakref.ref(opt)
@@ -256,6 +266,8 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
         self.max_grad_norm = max_grad_norm  # (a property: with step_in_backward it picks fused vs exact clipping)
         self.grad_norm_tensor = torch.zeros((), dtype=torch.float32)  # grad_norm as a 0-d tensor, updated in place
+        self.engine.release_check = _weak_release(self)
+        self._plain = False  # another system (DeepSpeed ZeRO) partitions: act as a plain AdamW over param_groups
         self.skipped_buckets = 0
         self._bucket_skipped = False
         self._applied_sumsq = torch.zeros((), dtype=torch.float64)
@@ -481,6 +493,9 @@ class ShardedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._check_plain():
+            self._plain_step()
+            return loss
         self._relocate_if_needed()
         engine = self.engine
         local_errors = self._local_checks()
@@ -586,6 +601,52 @@ class ShardedAdamW(torch.optim.Optimizer):
         handle = self.engine.gather_params(bucket, [i for i in range(len(present)) if present[i]])
         bucket.release_grads()  # the gradient memory goes right here
         return handle
+
+    # ------------------------------------------------------------------------------------------- plain mode
+    def _check_plain(self) -> bool:
+        """DeepSpeed ZeRO (and its fp16/bf16 wrappers) hand their client optimizer flat fp32 partitions by
+        replacing the tensors in ``param_groups``: DeepSpeed shards, so we must not. Detect that (params we were
+        not built with) and act, from then on, as a plain AdamW over whatever ``param_groups`` holds."""
+        if self._plain:
+            return True
+        if all(p in self._seen for g in self.param_groups for p in g["params"]):
+            return False
+        if self.rule != "adamw":
+            raise ValueError(
+                f"rule={self.rule!r} cannot run as another system's client optimizer (DeepSpeed partitions the "
+                "state and hands over flat partitions); use rule='adamw' there")
+        self._plain = True
+        self.engine.remove_hooks()
+        self.engine.clear()
+        self.state.clear()  # nothing of ours refers to the new tensors; torch-style per-param state from here on
+        for b in self.engine.buckets:
+            b.exp_avg = b.exp_avg_sq = b.master = None
+        self._state_ready = False
+        import logging
+
+        logging.getLogger("zeroadamw").info(
+            "ShardedAdamW: param_groups were replaced (DeepSpeed ZeRO partitions itself); acting as a plain AdamW")
+        return True
+
+    def _plain_step(self) -> None:
+        for group in self.param_groups:
+            by_kind: dict[tuple, tuple[list, ...]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p)
+                    st["exp_avg_sq"] = torch.zeros_like(p)
+                lists = by_kind.setdefault((p.device, p.dtype), ([], [], [], [], []))
+                for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
+                    lst.append(t)
+            beta1, beta2 = group["betas"]
+            for params, grads, m, v, steps in by_kind.values():
+                F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                        eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
+                        lr_max=_lr_max(group), impl=self.impl)
 
     def _local_checks(self) -> list[tuple[type, str]]:
         """Problems this rank can see before any collective; reported with the others' in the control all-reduce."""
@@ -834,6 +895,8 @@ class ShardedAdamW(torch.optim.Optimizer):
         Every rank receives the full state, so this costs the full unsharded state in memory; for large models
         use :mod:`zeroadamw.checkpoint`.
         """
+        if self._check_plain():
+            return torch.optim.Optimizer.state_dict(self)
         self._relocate_if_needed()
         index = {p: k for k, p in enumerate(self._index())}
         state: dict[int, dict[str, Tensor]] = {}
@@ -883,6 +946,8 @@ class ShardedAdamW(torch.optim.Optimizer):
         """
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("expected a torch.optim state dict with 'state' and 'param_groups' keys")
+        if self._check_plain():
+            return torch.optim.Optimizer.load_state_dict(self, state_dict)
         self._relocate_if_needed()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):

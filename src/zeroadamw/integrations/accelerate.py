@@ -39,7 +39,7 @@ __all__ = ["prepare", "patch_accelerator", "find_sharded_optimizer"]
 def find_sharded_optimizer(obj: Any) -> ShardedAdamW | None:
     """The ShardedAdamW inside ``obj`` (itself, or wrapped by Accelerate/Trainer), or None."""
     seen = 0
-    while obj is not None and seen < 8:
+    while isinstance(obj, torch.optim.Optimizer) and seen < 8:  # (LR schedulers also have .optimizer: not them)
         if isinstance(obj, ShardedAdamW):
             return obj
         obj = getattr(obj, "optimizer", None)

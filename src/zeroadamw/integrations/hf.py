@@ -71,7 +71,16 @@ class ZeroTrainerMixin:
 
     def create_optimizer(self, model=None):
         opt_model = self.model if model is None else model
-        if self.optimizer is None and self.zeroadamw_kwargs is not None:
+        if self.optimizer is None and self.zeroadamw_kwargs is not None and getattr(self, "is_deepspeed_enabled", False):
+            # DeepSpeed partitions the state itself and hands its client optimizer flat fp32 partitions: use the
+            # plain AdamW (same kernels and decay modes), no sharding of ours on top
+            from ..adamw import AdamW
+
+            args = self.args
+            decay = self.zeroadamw_kwargs.get("decay", "decoupled")
+            self.optimizer = AdamW(trainer_param_groups(self, opt_model, args.weight_decay), lr=args.learning_rate,
+                                   betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, decay=decay)
+        elif self.optimizer is None and self.zeroadamw_kwargs is not None:
             args = self.args
             kwargs = dict(
                 lr=args.learning_rate,

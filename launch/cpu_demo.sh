@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The README's main job on a CPU-only machine: fine-tune the embedded small LLaMA (configs/llama-tiny.json) on the
+# docstrings of Python's standard library, 2 processes (gloo), ShardedAdamW stage 2. Extra flags are passed on.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+exec accelerate launch --config_file configs/ddp_cpu.yaml launch/finetune_llama.py \
+  --optimizer zeroadamw --stage 2 --bucket_size 262144 \
+  --max_steps 150 --per_device_train_batch_size 8 --block_size 128 \
+  --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 15 --weight_decay 0.1 --max_grad_norm 1.0 \
+  --logging_steps 10 --eval_strategy steps --eval_steps 50 --save_strategy no --report_to none \
+  --output_dir out/demo "$@"

@@ -1,0 +1,546 @@
+r"""``zeroadamw estimate``: per-rank bytes of params / gradients / optimizer state / master weights.
+
+    zeroadamw estimate MODEL --world-size N --dtype {fp32,bf16} [--json]
+                       [--bucket-size 8388608] [--lora-rank 8] [--lora-targets q_proj,k_proj,v_proj,o_proj]
+                       [--methods ddp_adamw,stage2,...] [--configs-dir DIR]
+
+``MODEL`` is a Hugging Face ``config.json`` (or the directory holding it), the name of ``configs/<name>.json``,
+or a parameter count (``7e9``, ``7B``, ``1.3B``, ``350M``, ``1300000000``). Configs give the exact per-tensor
+breakdown (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, in Hugging Face's parameter order), which sets the
+bucket layout, the largest gradient and the rows SparseAdamW counts; a bare count is split into synthetic
+tensors of one bucket each.
+
+Per rank, :math:`\Psi` trainable params, ``N`` ranks, ``p`` bytes per param element (4 fp32, 2 bf16). ``bf16``
+means mixed precision for DeepSpeed and zeroadamw (bf16 params and gradients, fp32 Adam moments and fp32
+master) and plain bf16 for torch AdamW (moments in bf16, no master). Buckets are planned exactly as
+:class:`~zeroadamw.ShardedAdamW` plans them (one param group, reverse registration order,
+:func:`zeroadamw.layout.plan_buckets`); ``S`` = elements this rank owns = :math:`\sum_b \lceil n_b/N \rceil`
+(padding included)::
+
+    method                 params    gradients                                          opt. state      master
+    ddp_adamw              pΨ        pΨ (+ pΨ DDP bucket copy if N > 1)                 8Ψ (bf16: 4Ψ)   -
+    deepspeed_zero1        pΨ        pΨ                                                 8Ψ/N            4Ψ/N
+    deepspeed_zero2        pΨ        pΨ/N                                               8Ψ/N            4Ψ/N
+    deepspeed_zero3        pΨ/N      pΨ/N                                               8Ψ/N            4Ψ/N
+    stage1                 pΨ        pΨ; N > 1: + 4S + in-flight(3)                     8S              4S
+    stage2                 pΨ        N = 1: pΨ; else 4S + in-flight(3)                  8S              4S
+    step_in_backward       pΨ        N = 1: 2 buckets in fp32; else 3 full buckets      8S              4S
+                                     + one reduced fp32 bucket shard
+    step_in_backward_clip  pΨ        N = 1: 4Ψ; else as stage2                          8S              4S
+    sparse_adamw           pΨ        as stage2                                          8S + 4 x rows   4S
+    lora                   p(Ψ+Ψa)   pΨa (+ pΨa DDP copy if N > 1)                      8Ψa (bf16 4Ψa)  -
+    lora_stage2            p(Ψ+Ψa)   stage2's, over the adapters                        8Sa             4Sa
+
+Master columns: bf16 only. DeepSpeed's rows are Rajbhandari et al. (2020)'s formulas: K = 12 (moments 8 + master
+4) for bf16, K = 8 and no master for fp32. ``in-flight(3)``: the engine keeps two reductions in flight plus the
+bucket being filled; a bucket whose reduced shard exists no longer holds its full buffer, so each of 3
+neighbouring buckets (in launch order) adds ``p·padded - 4·shard`` over the reduced shard ``4S``; the largest
+such window is taken. "N buckets" likewise means the largest window of N neighbouring buckets. The gradient
+autograd is producing at a given moment (at most the largest tensor) is transient and not counted, as in the
+engine's own counter ``GradEngine.peak_grad_bytes`` that tests/test_estimate.py compares with. Activations are
+not estimated. See docs/estimate.md for the measured errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+from .layout import plan_buckets
+from .sharded_adamw import DEFAULT_BUCKET_SIZE
+
+__all__ = [
+    "METHODS", "DEFAULT_LORA_TARGETS", "ModelSpec", "Estimate", "parse_count", "load_model", "spec_from_config",
+    "spec_from_module", "estimate", "format_table", "add_arguments", "run",
+]
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+ACC_BYTES = 4  # zeroadamw's reduced gradient shard: fp32 (the master dtype for bf16, the param dtype for fp32)
+MAX_SYNTHETIC_BUCKETS = 2_000_000  # a bare count is split into this many synthetic tensors at most
+IN_FLIGHT = 3  # GradEngine.max_inflight (2) reductions in flight + the bucket being filled
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+METHODS = {
+    "ddp_adamw": "DDP + torch AdamW",
+    "deepspeed_zero1": "DeepSpeed ZeRO-1 (paper)",
+    "deepspeed_zero2": "DeepSpeed ZeRO-2 (paper)",
+    "deepspeed_zero3": "DeepSpeed ZeRO-3 (paper)",
+    "stage1": "zeroadamw stage 1",
+    "stage2": "zeroadamw stage 2",
+    "step_in_backward": "zeroadamw step in backward",
+    "step_in_backward_clip": "zeroadamw step in backward + clip",
+    "sparse_adamw": "SparseAdamW (stage 2)",
+    "lora": "LoRA r={r} + DDP + torch AdamW",
+    "lora_stage2": "LoRA r={r} + zeroadamw stage 2",
+}
+_COUNT = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+# --------------------------------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    """A model as the estimator sees it: its trainable tensors in registration order.
+
+    ``sparse`` names the tensors SparseAdamW keeps a per-row step count for (embeddings, MoE experts).
+    ``count_only``: built from a bare parameter count; ``tensors`` is empty and the estimator uses synthetic
+    tensors of one bucket each.
+    """
+
+    name: str
+    tensors: list[tuple[str, tuple[int, ...]]]
+    sparse: frozenset[str] = frozenset()
+    count_only: int | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.count_only if self.count_only is not None else sum(math.prod(s) for _, s in self.tensors)
+
+    @property
+    def largest(self) -> tuple[str, int] | None:
+        """(name, elements) of the largest tensor; ``None`` for a bare count."""
+        if not self.tensors:
+            return None
+        name, shape = max(self.tensors, key=lambda t: math.prod(t[1]))
+        return name, math.prod(shape)
+
+    @property
+    def sparse_rows(self) -> int | None:
+        """Rows (elements / last dim) of the sparse tensors; ``None`` for a bare count (unknown)."""
+        if self.count_only is not None:
+            return None
+        return sum(math.prod(s) // s[-1] for n, s in self.tensors if n in self.sparse and s)
+
+    def sizes(self, bucket_size: int) -> list[int]:
+        if self.count_only is None:
+            return [math.prod(s) for _, s in self.tensors]
+        full, rest = divmod(self.count_only, bucket_size)
+        if full > MAX_SYNTHETIC_BUCKETS:
+            raise ValueError(f"bucket size {bucket_size:,} splits {self.count_only:,} params into more than "
+                             f"{MAX_SYNTHETIC_BUCKETS:,} buckets; use a larger --bucket-size (default {DEFAULT_BUCKET_SIZE})")
+        return [bucket_size] * full + ([rest] if rest else [])
+
+
+def parse_count(text: str) -> int | None:
+    """``"7e9"``, ``"7B"``, ``"1.3B"``, ``"350M"``, ``"1_300_000_000"`` -> an int; ``None`` if ``text`` does not
+    look like a number; ``ValueError`` if it does but is not a positive whole number of parameters."""
+    m = _COUNT.match(text)
+    if m is None:
+        return None
+    try:
+        value = Decimal(m.group(1).replace("_", "").replace(",", "")) * _SUFFIX[m.group(2).lower()]
+    except InvalidOperation:
+        return None
+    if value != value.to_integral_value() or value < 1:
+        raise ValueError(f"bad parameter count {text!r}: give a positive whole number of parameters, "
+                         "e.g. 7e9, 7B, 1.3B, 350M or 1300000000")
+    return int(value)
+
+
+def _need(cfg: dict, key: str, where: str) -> int:
+    v = cfg.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{where}: config key {key!r} is missing or not a non-negative int (got {v!r}); "
+                         "pass a complete Hugging Face config.json, or the parameter count instead (e.g. 7e9)")
+    return v
+
+
+def _linear(name: str, n_in: int, n_out: int, bias: bool) -> list[tuple[str, tuple[int, ...]]]:
+    return [(f"{name}.weight", (n_out, n_in))] + ([(f"{name}.bias", (n_out,))] if bias else [])
+
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe")
+
+
+def spec_from_config(cfg: dict, name: str = "config") -> ModelSpec:
+    """The trainable tensors of a Hugging Face causal LM config (a dict, as in ``config.json``), in the order
+    ``model.named_parameters()`` lists them (transformers 5: MoE experts fused into 3-D tensors)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{name}: a config must be a JSON object, got {type(cfg).__name__}")
+    if not _is_model_config(cfg):
+        raise ValueError(f"{name} is not a model config (no model_type or hidden_size; a DeepSpeed / accelerate "
+                         "config?); pass a Hugging Face config.json, or the parameter count (e.g. 7e9)")
+    mt = cfg.get("model_type", "llama")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{name}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)}); "
+                         "pass the parameter count instead, e.g. `zeroadamw estimate 7e9`")
+    V, h, L = _need(cfg, "vocab_size", name), _need(cfg, "hidden_size", name), _need(cfg, "num_hidden_layers", name)
+    H = _need(cfg, "num_attention_heads", name)
+    if H == 0 or h == 0:
+        raise ValueError(f"{name}: hidden_size and num_attention_heads must be positive")
+    kv = cfg.get("num_key_value_heads") or H
+    hd = cfg.get("head_dim") or (128 if mt == "qwen3" else h // H)
+    qkv_bias = {"qwen2": True, "qwen2_moe": cfg.get("qkv_bias", True)}.get(mt, bool(cfg.get("attention_bias", False)))
+    o_bias = mt in ("llama", "qwen3") and bool(cfg.get("attention_bias", False))
+    mlp_bias = mt == "llama" and bool(cfg.get("mlp_bias", False))
+    t: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (V, h))]
+    sparse = {"model.embed_tokens.weight"}
+    for i in range(L):
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        t += _linear(f"{a}.q_proj", h, H * hd, qkv_bias) + _linear(f"{a}.k_proj", h, kv * hd, qkv_bias)
+        t += _linear(f"{a}.v_proj", h, kv * hd, qkv_bias) + _linear(f"{a}.o_proj", H * hd, h, o_bias)
+        if mt == "qwen3":
+            t += [(f"{a}.q_norm.weight", (hd,)), (f"{a}.k_norm.weight", (hd,))]
+        moe = False
+        if mt == "mixtral":
+            E, I = _need(cfg, "num_local_experts", name), _need(cfg, "intermediate_size", name)
+            moe = True
+        elif mt == "qwen2_moe":
+            E, I = _need(cfg, "num_experts", name), _need(cfg, "moe_intermediate_size", name)
+            step = cfg.get("decoder_sparse_step", 1) or 1
+            moe = i not in (cfg.get("mlp_only_layers") or []) and E > 0 and (i + 1) % step == 0
+        if moe:
+            t += [(f"{m}.gate.weight", (E, h)), (f"{m}.experts.gate_up_proj", (E, 2 * I, h)),
+                  (f"{m}.experts.down_proj", (E, h, I))]
+            sparse |= {f"{m}.experts.gate_up_proj", f"{m}.experts.down_proj"}
+            if mt == "qwen2_moe":
+                S = _need(cfg, "shared_expert_intermediate_size", name)
+                t += _linear(f"{m}.shared_expert.gate_proj", h, S, False) + _linear(f"{m}.shared_expert.up_proj", h, S, False)
+                t += _linear(f"{m}.shared_expert.down_proj", S, h, False) + [(f"{m}.shared_expert_gate.weight", (1, h))]
+        else:
+            I = _need(cfg, "intermediate_size", name)
+            t += _linear(f"{m}.gate_proj", h, I, mlp_bias) + _linear(f"{m}.up_proj", h, I, mlp_bias)
+            t += _linear(f"{m}.down_proj", I, h, mlp_bias)
+        t += [(f"model.layers.{i}.input_layernorm.weight", (h,)), (f"model.layers.{i}.post_attention_layernorm.weight", (h,))]
+    t.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings", False):
+        t.append(("lm_head.weight", (V, h)))
+    return ModelSpec(name, t, frozenset(sparse))
+
+
+def spec_from_module(module, name: str | None = None) -> ModelSpec:
+    """The trainable parameters of a built ``torch.nn.Module`` (e.g. to check the estimate against a
+    measurement); embeddings and params under an ``experts`` module count as sparse."""
+    from torch import nn
+
+    sparse = set()
+    for mname, mod in module.named_modules():
+        if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            sparse.add(f"{mname}.weight" if mname else "weight")
+    tensors = [(n, tuple(p.shape)) for n, p in module.named_parameters() if p.requires_grad and p.numel()]
+    sparse |= {n for n, s in tensors if ".experts." in f".{n}" and len(s) >= 2}
+    return ModelSpec(name or type(module).__name__, tensors, frozenset(n for n, _ in tensors if n in sparse))
+
+
+def _config_dirs(configs_dir: str | None) -> list[Path]:
+    if configs_dir is not None:
+        return [Path(configs_dir)]
+    here = Path(__file__).resolve().parents[2] / "configs"  # the repository's configs/ (src layout)
+    return list(dict.fromkeys([Path.cwd() / "configs", here]))
+
+
+def _is_model_config(cfg) -> bool:
+    return isinstance(cfg, dict) and any(k in cfg for k in ("model_type", "hidden_size", "num_parameters"))
+
+
+def _named_configs(dirs: list[Path]) -> list[str]:
+    """Names of the model configs (not DeepSpeed / accelerate configs) in ``dirs``."""
+    names = set()
+    for d in dirs:
+        for path in sorted(d.glob("*.json")) if d.is_dir() else ():
+            try:
+                if _is_model_config(_read_config(path)):
+                    names.add(path.stem)
+            except ValueError:
+                continue
+    return sorted(names)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read config {str(path)!r}: {e.strerror or e}; check the path") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config {str(path)!r} is not valid JSON ({e}); pass a Hugging Face config.json") from None
+    if isinstance(cfg, dict):
+        for key in ("model_config", "model"):  # a recipe wrapping the model's config
+            if isinstance(cfg.get(key), dict) and "model_type" not in cfg and "hidden_size" not in cfg:
+                return cfg[key]
+    return cfg
+
+
+def _spec_from_json(cfg, name: str) -> ModelSpec:
+    """A Hugging Face config, or ``{"num_parameters": N}`` (a recipe that only knows the size)."""
+    if isinstance(cfg, dict) and "num_parameters" in cfg and "hidden_size" not in cfg:
+        n = parse_count(str(cfg["num_parameters"]))
+        if n is None:
+            raise ValueError(f"{name}: num_parameters {cfg['num_parameters']!r} is not a parameter count (e.g. 7e9)")
+        return ModelSpec(name, [], count_only=n)
+    return spec_from_config(cfg, name=name)
+
+
+def load_model(text: str, configs_dir: str | None = None) -> ModelSpec:
+    """``MODEL`` of the command line -> :class:`ModelSpec`: a parameter count, a config path (file or directory
+    with ``config.json``), or a name looked up as ``<configs dir>/<name>.json`` (``./configs`` and the
+    repository's ``configs/`` unless ``configs_dir`` is given)."""
+    n = parse_count(text)
+    if n is not None:
+        return ModelSpec(text.strip(), [], count_only=n)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"directory {text!r} has no config.json; pass the config file itself")
+    if path.exists() or path.suffix == ".json" or os.sep in text:
+        if not path.is_file():
+            raise ValueError(f"config file {text!r} does not exist; pass an existing config.json path, a name "
+                             "from configs/, or a parameter count like 7e9")
+        return _spec_from_json(_read_config(path), str(text))
+    dirs = _config_dirs(configs_dir)
+    for d in dirs:
+        candidate = d / f"{text}.json"
+        if candidate.is_file():
+            return _spec_from_json(_read_config(candidate), text)
+    known = _named_configs(dirs)
+    raise ValueError(
+        f"unknown model {text!r}: not a parameter count, not a file, and no {text}.json in "
+        f"{', '.join(str(d) for d in dirs)}. Named configs available: {', '.join(known) if known else 'none'}. "
+        "Pass a Hugging Face config.json path, a name from that list, or a count like 7e9 / 7B / 1300000000")
+
+
+# ------------------------------------------------------------------------------------------------- estimate
+@dataclass
+class Estimate:
+    """Per-rank bytes of one method."""
+
+    method: str
+    label: str
+    params: int
+    grads: int
+    optimizer_state: int
+    master: int
+    trainable: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer_state + self.master
+
+    def record(self) -> dict:
+        return {"method": self.method, "label": self.label, "trainable_params": self.trainable,
+                "bytes_per_rank": {"params": self.params, "grads": self.grads,
+                                   "optimizer_state": self.optimizer_state, "master": self.master,
+                                   "total": self.total},
+                "notes": list(self.notes)}
+
+
+class _Buckets:
+    """Real element counts of the buckets ShardedAdamW would build for tensors of ``sizes`` (one group)."""
+
+    def __init__(self, sizes: list[int], bucket_size: int) -> None:
+        rev = sizes[::-1]  # reverse registration order ~ backward order, as ShardedAdamW packs them
+        self.numels = [sum(rev[i] for i in idx) for idx in plan_buckets(rev, bucket_size)] if rev else []
+
+    def owned(self, n: int) -> int:
+        """Elements this rank owns over all buckets (with padding): S."""
+        return sum(-(-b // n) for b in self.numels)
+
+    @staticmethod
+    def _window(values: list[int], k: int) -> int:
+        """The largest sum of ``k`` consecutive values (buckets in flight are neighbours in launch order)."""
+        run = best = sum(values[:k])
+        for i in range(k, len(values)):
+            run += values[i] - values[i - k]
+            best = max(best, run)
+        return best
+
+    def in_flight(self, n: int, p: int, k: int = IN_FLIGHT) -> int:
+        """``k`` neighbouring buckets still full-size: ``p·padded - 4·shard`` each over the reduced shard."""
+        return self._window([max(0, (p * n - ACC_BYTES) * -(-b // n)) for b in self.numels], k)
+
+    def full(self, n: int, p: int, k: int) -> int:
+        """``k`` neighbouring full-size (padded) buckets of ``p`` bytes per element."""
+        return self._window([p * -(-b // n) * n for b in self.numels], k)
+
+
+def _lora_tensors(spec: ModelSpec, rank: int, targets) -> list[tuple[str, tuple[int, ...]]]:
+    """lora_A [r, in] and lora_B [out, r] for every 2-D weight named ``*.<target>.weight``."""
+    out = []
+    for name, shape in spec.tensors:
+        parts = name.split(".")
+        if len(shape) == 2 and len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in targets:
+            base = ".".join(parts[:-1])
+            out += [(f"{base}.lora_A.weight", (rank, shape[1])), (f"{base}.lora_B.weight", (shape[0], rank))]
+    return out
+
+
+def _sharded_grads(b: _Buckets, n: int, p: int, psi: int) -> int:
+    """Stage 2's gradient memory: param.grad in one process; else the fp32 reduced shard + 3 buckets."""
+    return p * psi if n == 1 else ACC_BYTES * b.owned(n) + b.in_flight(n, p)
+
+
+def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_size: int = DEFAULT_BUCKET_SIZE,
+             lora_rank: int = 8, lora_targets=DEFAULT_LORA_TARGETS, methods=None) -> list[Estimate]:
+    """Per-rank bytes for each of ``methods`` (default: all of :data:`METHODS`; LoRA is left out for a bare
+    parameter count, which has no layer shapes)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world size must be an int >= 1 (the number of data-parallel ranks), got {world_size!r}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
+        raise ValueError(f"bucket size must be a positive number of elements, got {bucket_size!r}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise ValueError(f"LoRA rank must be an int >= 1, got {lora_rank!r}")
+    explicit = methods is not None
+    methods = list(METHODS) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if spec.count_only is not None and not explicit:
+        methods = [m for m in methods if not m.startswith("lora")]
+    n, p, mixed = world_size, DTYPE_BYTES[dtype], dtype == "bf16"
+    sizes = spec.sizes(bucket_size)
+    psi = sum(sizes)
+    b = _Buckets(sizes, bucket_size)
+    S = b.owned(n)
+    state, master = 8 * S, (4 * S if mixed else 0)
+    ddp_note = "grads include DDP's bucket copy of every gradient (gradient_as_bucket_view=False, the default)"
+    torch_state = (8 if not mixed else 4)  # torch AdamW keeps its moments in the param dtype
+    ds = lambda k: -(-k * psi // n)  # noqa: E731 - the paper's per-rank share, rounded up
+    out = []
+    for m in methods:
+        label = METHODS[m].format(r=lora_rank)
+        notes: list[str] = []
+        if m == "ddp_adamw":
+            grads = p * psi * (2 if n > 1 else 1)
+            notes.append(ddp_note if n > 1 else "one process: no DDP, param.grad only")
+            if mixed:
+                notes.append("bf16 params: torch AdamW keeps exp_avg/exp_avg_sq in bf16, no fp32 master")
+            e = Estimate(m, label, p * psi, grads, torch_state * psi, 0, psi, notes)
+        elif m.startswith("deepspeed_zero"):
+            st = int(m[-1])
+            notes.append("Rajbhandari et al. 2020: K = 12 (fp32 master + m + v) for bf16, K = 8 for fp32; "
+                         "DeepSpeed's own communication buckets (reduce/allgather_bucket_size) not included")
+            e = Estimate(m, label, ds(p) if st == 3 else p * psi, ds(p) if st >= 2 else p * psi, ds(8),
+                         ds(4) if mixed else 0, psi, notes)
+        elif m in ("stage1", "stage2", "sparse_adamw", "step_in_backward_clip"):
+            if m == "stage1":
+                grads = p * psi + (ACC_BYTES * S + b.in_flight(n, p) if n > 1 else 0)
+                if n > 1:
+                    notes.append("param.grad (full) + at step() the fp32 reduced shard and up to 3 buckets in flight")
+            elif m == "step_in_backward_clip" and n == 1:
+                grads = ACC_BYTES * psi
+                notes.append("one process: every gradient held in fp32 until step() (exact clipping)")
+            else:
+                grads = _sharded_grads(b, n, p, psi)
+                notes.append("one process: param.grad, no buckets" if n == 1 else
+                             "fp32 reduced 1/N shard + up to 3 neighbouring full-size buckets in flight")
+            st_bytes = state
+            if m == "sparse_adamw":
+                rows = spec.sparse_rows
+                if rows is None:
+                    notes.append("per-row step counts not included: a bare parameter count has no rows (pass a config)")
+                else:
+                    st_bytes += 4 * rows
+                    notes.append(f"+ one float32 step count per row of embeddings / experts ({rows:,} rows), "
+                                 "assumed replicated on every rank; SparseAdamW is not built yet")
+            e = Estimate(m, label, p * psi, grads, st_bytes, master, psi, notes)
+        elif m == "step_in_backward":
+            if n == 1:
+                grads = b.full(1, ACC_BYTES, 2)
+                notes.append("one process: gradients of at most 2 neighbouring buckets, in fp32, until they are applied")
+            else:
+                grads = b.full(n, p, IN_FLIGHT) + ACC_BYTES * -(-max(b.numels, default=0) // n)
+                notes.append("up to 3 full-size buckets in flight + one reduced shard being applied; no 1/N shard kept")
+            if spec.count_only is not None:
+                notes.append("bare count: assumes no tensor exceeds the bucket size (a large embedding does: "
+                             "pass a config)")
+            e = Estimate(m, label, p * psi, grads, state, master, psi, notes)
+        else:  # LoRA
+            adapters = _lora_tensors(spec, lora_rank, lora_targets)
+            if not adapters:
+                cands = sorted({nm.split(".")[-2] for nm, s in spec.tensors if len(s) == 2 and nm.endswith(".weight")})
+                raise ValueError(f"LoRA targets {','.join(lora_targets)} match no 2-D weight of {spec.name}; pass "
+                                 f"--lora-targets from: {', '.join(cands) if cands else '(none: pass a config)'}")
+            a_sizes = [math.prod(s) for _, s in adapters]
+            psi_a = sum(a_sizes)
+            params = p * (psi + psi_a)
+            notes.append(f"rank {lora_rank} adapters on {','.join(lora_targets)}: {psi_a:,} trainable; the "
+                         "frozen base costs only its params")
+            if m == "lora":
+                notes.append(ddp_note if n > 1 else "one process: no DDP")
+                e = Estimate(m, label, params, p * psi_a * (2 if n > 1 else 1), torch_state * psi_a, 0, psi_a, notes)
+            else:
+                ba = _Buckets(a_sizes, bucket_size)
+                Sa = ba.owned(n)
+                e = Estimate(m, label, params, _sharded_grads(ba, n, p, psi_a), 8 * Sa, 4 * Sa if mixed else 0,
+                             psi_a, notes)
+        out.append(e)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def format_table(spec: ModelSpec, estimates: list[Estimate], world_size: int, dtype: str, bucket_size: int) -> str:
+    """The terminal table: one row per method, GiB (or MiB for small models) per rank, then the notes."""
+    big = max((e.total for e in estimates), default=0) >= 2**30
+    unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
+    largest = spec.largest
+    head = f"{spec.name}: {spec.numel:,} params"
+    if largest:
+        head += f" (largest tensor {largest[0]}: {largest[1]:,})"
+    lines = [head, f"world size {world_size}, {dtype}, bucket size {bucket_size:,} elements; {unit} per rank", ""]
+    w = max(len(e.label) for e in estimates) if estimates else 10
+    cols = ("params", "grads", "opt state", "master", "total")
+    lines.append(f"{'method':<{w}}  " + "  ".join(f"{c:>10}" for c in cols) + "  notes")
+    notes: list[str] = []
+    for e in estimates:
+        refs = []
+        for note in e.notes:
+            if note not in notes:
+                notes.append(note)
+            refs.append(str(notes.index(note) + 1))
+        vals = (e.params, e.grads, e.optimizer_state, e.master, e.total)
+        lines.append(f"{e.label:<{w}}  " + "  ".join(f"{v / div:>10.2f}" for v in vals) + "  " + ",".join(refs))
+    lines.append("")
+    lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
+    if spec.count_only is not None:
+        lines.append("bare parameter count: synthetic tensors of one bucket each; LoRA needs layer shapes (pass a config)")
+    lines.append("Activations, autograd's transient gradient and allocator overhead are not included.")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="a Hugging Face config.json (or its directory), a name from configs/, or a parameter "
+                             "count (7e9, 7B, 1300000000)")
+    parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks N (default 1)")
+    parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
+                        help="param dtype; bf16 = mixed precision with fp32 master for DeepSpeed/zeroadamw (default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON record per method instead of a table")
+    parser.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET_SIZE,
+                        help=f"ShardedAdamW bucket_size in elements (default {DEFAULT_BUCKET_SIZE})")
+    parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default 8, PEFT's default)")
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
+                        help="comma-separated module names LoRA adapts (default: the attention projections)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
+    parser.add_argument("--configs-dir", default=None, help="where named configs live (default: ./configs and the repo's)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Estimate and print; errors in the input go to stderr with exit status 2."""
+    try:
+        targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        if not targets:
+            raise ValueError("--lora-targets is empty; name at least one module, e.g. q_proj,v_proj")
+        methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+        spec = load_model(args.model, args.configs_dir)
+        ests = estimate(spec, args.world_size, args.dtype, bucket_size=args.bucket_size, lora_rank=args.lora_rank,
+                        lora_targets=targets, methods=methods)
+    except ValueError as e:
+        print(f"zeroadamw estimate: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        common = {"model": spec.name, "total_params": spec.numel, "world_size": args.world_size, "dtype": args.dtype,
+                  "bucket_size": args.bucket_size}
+        print(json.dumps([dict(common, **e.record()) for e in ests], indent=1))
+    else:
+        print(format_table(spec, ests, args.world_size, args.dtype, args.bucket_size))
+    return 0

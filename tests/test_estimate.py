@@ -1,0 +1,405 @@
+"""``zeroadamw estimate``: hand-computed expectations on a tiny config, the parameter breakdown against the real
+Hugging Face models, errors, the CLI, and the estimate against measurements (the committed benchmark results and
+live runs of ShardedAdamW / torch AdamW in one process and on 2 and 3 gloo ranks).
+
+The measured errors (printed with ``-s``) are quoted in docs/estimate.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from distributed import run as run_ranks
+from zeroadamw import ShardedAdamW
+from zeroadamw import estimate as E
+from zeroadamw.demo import TinyLM
+
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 0.05  # the issue's target: within 5% of the measured optimizer + gradient bytes
+
+# A tiny Llama: V=100, h=32, I=48, 2 layers, 4 heads of 8, 2 KV heads, untied head.
+TINY = dict(model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+# per layer: q 32x32 + k 16x32 + v 16x32 + o 32x32 + gate/up 48x32 + down 32x48 + 2 norms of 32
+LAYER = 1024 + 512 + 512 + 1024 + 3 * 1536 + 2 * 32  # 7744
+TINY_PSI = 100 * 32 + 2 * LAYER + 32 + 100 * 32  # 21920
+# ShardedAdamW's buckets for bucket_size=4000, packed in reverse registration order (worked out by hand):
+# [lm_head, norm, l1 norms] [l1 down, up] [l1 gate, o, v, k] [l1 q, l0 norms, l0 down] [l0 up, gate] [l0 o, v, k, q] [embed]
+TINY_BUCKETS = [3200 + 32 + 64, 1536 * 2, 1536 + 1024 + 512 + 512, 1024 + 64 + 1536, 1536 * 2, 1024 + 512 + 512 + 1024, 3200]
+
+
+def by_method(ests):
+    return {e.method: e for e in ests}
+
+
+# ----------------------------------------------------------------------------------------- hand-computed numbers
+def test_tiny_llama_breakdown_and_buckets():
+    spec = E.spec_from_config(TINY)
+    assert spec.numel == TINY_PSI == 21920
+    assert spec.largest == ("model.embed_tokens.weight", 3200)
+    assert spec.sparse_rows == 100  # the embedding's rows
+    assert E._Buckets(spec.sizes(4000), 4000).numels == TINY_BUCKETS
+    assert sum(TINY_BUCKETS) == TINY_PSI
+
+
+def test_tiny_llama_bf16_three_ranks_by_hand():
+    """N = 3 (uneven padding), bf16 params (p = 2) with fp32 moments and master."""
+    spec = E.spec_from_config(TINY)
+    est = by_method(E.estimate(spec, 3, "bf16", bucket_size=4000, lora_rank=2, lora_targets=("q_proj", "v_proj")))
+    shards = [1099, 1024, 1195, 875, 1024, 1024, 1067]  # ceil(bucket / 3)
+    assert [-(-b // 3) for b in TINY_BUCKETS] == shards
+    S = 7308
+    assert sum(shards) == S
+
+    ddp = est["ddp_adamw"]  # bf16 params, grads + DDP bucket copy, torch AdamW moments in bf16
+    assert (ddp.params, ddp.grads, ddp.optimizer_state, ddp.master) == (43840, 87680, 87680, 0)
+    z1, z2, z3 = est["deepspeed_zero1"], est["deepspeed_zero2"], est["deepspeed_zero3"]
+    assert (z1.params, z1.grads, z1.optimizer_state, z1.master) == (43840, 43840, 58454, 29227)  # 8Ψ/3, 4Ψ/3 rounded up
+    assert (z2.params, z2.grads) == (43840, 14614)  # 2Ψ/3 rounded up
+    assert (z3.params, z3.grads, z3.total) == (14614, 14614, 14614 * 2 + 58454 + 29227)
+    assert z3.total == pytest.approx(16 * TINY_PSI / 3, abs=3)  # the paper's 16Ψ/N
+
+    s2 = est["stage2"]
+    # 4S reduced fp32 shard + the 3 neighbouring buckets with the most still full-size: (2*3 - 4) bytes x shard
+    # each = [2198, 2048, 2390, 1750, 2048, 2048, 2134] -> 2198 + 2048 + 2390
+    assert (s2.params, s2.grads, s2.optimizer_state, s2.master) == (43840, 4 * S + 6636, 8 * S, 4 * S)
+    s1 = est["stage1"]
+    assert s1.grads == 2 * TINY_PSI + 4 * S + 6636  # + param.grad
+    sib = est["step_in_backward"]
+    # 3 neighbouring full bf16 buckets (6 x shard bytes: 6594 + 6144 + 7170) + one fp32 reduced shard (largest bucket)
+    assert sib.grads == 19908 + 4 * 1195
+    assert est["step_in_backward_clip"].grads == s2.grads
+    sp = est["sparse_adamw"]
+    assert sp.optimizer_state == 8 * S + 4 * 100 and sp.grads == s2.grads
+
+    # LoRA r=2 on q_proj (32 -> 32) and v_proj (32 -> 16): 2*(32+32) + 2*(32+16) = 224 per layer
+    lora, lora2 = est["lora"], est["lora_stage2"]
+    assert lora.trainable == lora2.trainable == 448
+    assert (lora.params, lora.grads, lora.optimizer_state, lora.master) == (2 * (TINY_PSI + 448), 2 * 2 * 448, 4 * 448, 0)
+    # adapters fit one bucket: 448 -> shard 150 (padded to 450)
+    assert (lora2.grads, lora2.optimizer_state, lora2.master) == (4 * 150 + (2 * 3 - 4) * 150, 8 * 150, 4 * 150)
+
+
+def test_tiny_llama_fp32_one_process_by_hand():
+    spec = E.spec_from_config(TINY)
+    est = by_method(E.estimate(spec, 1, "fp32", bucket_size=4000))
+    assert "lora" in est
+    psi = TINY_PSI
+    for m in ("stage1", "stage2", "sparse_adamw"):
+        assert (est[m].params, est[m].grads, est[m].master) == (4 * psi, 4 * psi, 0)  # param.grad, no buckets
+        assert est[m].optimizer_state == 8 * psi + (400 if m == "sparse_adamw" else 0)
+    assert est["ddp_adamw"].grads == 4 * psi  # one process: no DDP bucket copy
+    assert est["ddp_adamw"].optimizer_state == 8 * psi
+    # fused step in backward: 2 neighbouring buckets in fp32, the largest pair being 3072 + 3584
+    assert est["step_in_backward"].grads == 4 * (3072 + 3584)
+    assert est["step_in_backward_clip"].grads == 4 * psi
+    z2 = est["deepspeed_zero2"]
+    assert (z2.params, z2.grads, z2.optimizer_state, z2.master) == (4 * psi, 4 * psi, 8 * psi, 0)  # K = 8
+
+
+def test_bare_count():
+    spec = E.load_model("7B")
+    assert spec.numel == 7 * 10**9 and spec.largest is None and spec.sparse_rows is None
+    est = by_method(E.estimate(spec, 8, "bf16"))
+    assert "lora" not in est  # no layer shapes
+    psi, B = 7 * 10**9, E.DEFAULT_BUCKET_SIZE
+    assert est["deepspeed_zero2"].total == pytest.approx(2 * psi + 14 * psi / 8, abs=8)
+    S = (psi // B) * (B // 8) + -(-(psi % B) // 8)
+    assert est["stage2"].optimizer_state == 8 * S and est["stage2"].master == 4 * S
+    assert est["stage2"].grads == 4 * S + 3 * (2 * 8 - 4) * (B // 8)
+    with pytest.raises(ValueError, match="pass a config"):
+        E.estimate(spec, 8, "bf16", methods=["lora"])
+    with pytest.raises(ValueError, match="use a larger --bucket-size"):
+        E.estimate(spec, 8, "bf16", bucket_size=16)
+
+
+@pytest.mark.parametrize("text,n", [("7e9", 7 * 10**9), ("7B", 7 * 10**9), ("1.3B", 1_300_000_000), ("350M", 350 * 10**6),
+                                    ("1300000000", 1_300_000_000), ("1_300_000_000", 1_300_000_000), ("70b", 70 * 10**9),
+                                    ("12k", 12000), ("1.5e3", 1500)])
+def test_parse_count(text, n):
+    assert E.parse_count(text) == n
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "1e-3", "1.2345k"])
+def test_bad_counts(text):
+    with pytest.raises(ValueError, match="bad parameter count"):
+        E.load_model(text)
+
+
+def test_not_a_count():
+    assert E.parse_count("llama-3-8b") is None and E.parse_count("7 GB") is None
+
+
+# ------------------------------------------------------------------------------------- vs Hugging Face models
+def _hf(kind):
+    transformers = pytest.importorskip("transformers")
+    small = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2)
+    cfgs = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "llama_bias_tied": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True,
+                                                                     tie_word_embeddings=True, head_dim=16)),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8)),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=3)),
+        "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=3, moe_intermediate_size=16,
+                                                                     shared_expert_intermediate_size=40,
+                                                                     mlp_only_layers=[1], num_hidden_layers=3)),
+    }
+    cname, mname, extra = cfgs[kind]
+    cfg = getattr(transformers, cname)(**dict(small, **extra))
+    with torch.device("meta"):
+        model = getattr(transformers, mname)(cfg)
+    return cfg, model
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_bias_tied", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe"])
+def test_breakdown_equals_the_hf_model(kind):
+    """Names, shapes and order of spec_from_config == model.named_parameters() (config.json written by HF)."""
+    cfg, model = _hf(kind)
+    d = json.loads(cfg.to_json_string())
+    spec = E.spec_from_config(d)
+    assert spec.tensors == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert spec.numel == sum(p.numel() for p in model.parameters())
+
+
+def test_moe_sparse_rows():
+    cfg, model = _hf("mixtral")
+    spec = E.spec_from_config(json.loads(cfg.to_json_string()))
+    # embedding 100 rows + per layer gate_up [3, 96, 32] (288 rows) + down [3, 32, 48] (96 rows)
+    assert spec.sparse_rows == 100 + 2 * (288 + 96)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+def test_errors_name_the_fix(tmp_path):
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    (tmp_path / "sized.json").write_text(json.dumps({"num_parameters": "7B"}))
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "ds_zero2.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert E.load_model("tiny", configs_dir=str(tmp_path)).numel == TINY_PSI
+    assert E.load_model("sized", configs_dir=str(tmp_path)).numel == 7 * 10**9
+    assert E.load_model(str(tmp_path / "tiny.json")).numel == TINY_PSI
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(TINY))
+    assert E.load_model(str(tmp_path / "hf")).numel == TINY_PSI
+    with pytest.raises(ValueError, match=r"unknown model 'nope'.*available: sized, tiny\. .*7e9"):
+        E.load_model("nope", configs_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        E.load_model(str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        E.load_model("broken", configs_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="ds_zero2 is not a model config.*DeepSpeed"):
+        E.load_model("ds_zero2", configs_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="no config.json"):
+        E.load_model(str(tmp_path))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*parameter count"):
+        E.spec_from_config(dict(TINY, model_type="gpt2"))
+    with pytest.raises(ValueError, match="'hidden_size' is missing"):
+        E.spec_from_config({k: v for k, v in TINY.items() if k != "hidden_size"})
+    spec = E.spec_from_config(TINY)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="world size must be an int >= 1"):
+            E.estimate(spec, bad)
+    with pytest.raises(ValueError, match="dtype"):
+        E.estimate(spec, 1, "fp16")
+    with pytest.raises(ValueError, match="unknown method"):
+        E.estimate(spec, 1, methods=["zero4"])
+    with pytest.raises(ValueError, match="--lora-targets from: .*down_proj"):
+        E.estimate(spec, 1, lora_targets=("qkv",))
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def _cli(argv, capsys):
+    from zeroadamw.cli import main
+
+    rc = main(["estimate", *argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_json(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    rc, out, _ = _cli([str(path), "--world-size", "3", "--dtype", "bf16", "--json", "--bucket-size", "4000",
+                       "--lora-rank", "2", "--lora-targets", "q_proj,v_proj"], capsys)
+    assert rc == 0
+    recs = json.loads(out)
+    assert [r["method"] for r in recs] == list(E.METHODS)
+    s2 = next(r for r in recs if r["method"] == "stage2")
+    assert s2["bytes_per_rank"] == {"params": 43840, "grads": 4 * 7308 + 6636, "optimizer_state": 8 * 7308,
+                                    "master": 4 * 7308, "total": 43840 + 4 * 7308 + 6636 + 12 * 7308}
+    assert s2["world_size"] == 3 and s2["dtype"] == "bf16" and s2["total_params"] == TINY_PSI
+    assert next(r for r in recs if r["method"] == "lora")["trainable_params"] == 448
+
+
+def test_cli_table_and_errors(capsys):
+    rc, out, _ = _cli(["7B", "--world-size", "8", "--methods", "ddp_adamw,deepspeed_zero3,stage2"], capsys)
+    assert rc == 0
+    lines = out.splitlines()
+    row = next(ln for ln in lines if ln.startswith("DeepSpeed ZeRO-3"))
+    assert f"{16 * 7e9 / 8 / 2**30:.2f}" in row  # 16Ψ/N GiB
+    assert "GiB per rank" in out and "stage 2" in out and "ZeRO-1" not in out
+    rc, _, err = _cli(["7B", "--world-size", "0"], capsys)
+    assert rc == 2 and "world size must be an int >= 1" in err
+    rc, _, err = _cli(["no-such-model"], capsys)
+    assert rc == 2 and "unknown model 'no-such-model'" in err
+    rc, _, err = _cli(["7B", "--lora-rank", "0"], capsys)
+    assert rc == 2 and "LoRA rank must be an int >= 1" in err
+
+
+def test_named_config_from_the_repo_configs_dir(tmp_path, monkeypatch, capsys):
+    """Names are looked up in ./configs (and the repository's configs/)."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny-llama.json").write_text(json.dumps(TINY))
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = _cli(["tiny-llama", "--world-size", "2", "--json", "--methods", "stage1"], capsys)
+    assert rc == 0 and json.loads(out)[0]["total_params"] == TINY_PSI
+
+
+# ------------------------------------------------------------------------------------------- vs measurements
+def _error(est: int, measured: int) -> float:
+    return (est - measured) / measured
+
+
+def _report(rows, title):
+    print(f"\n{title}\n{'case':<58} {'measured':>12} {'estimated':>12} {'error':>8}")
+    for case, measured, est in rows:
+        print(f"{case:<58} {measured:>12,} {est:>12,} {100 * _error(est, measured):>+7.2f}%")
+
+
+def _tinylm_spec(d_model=512, layers=4):
+    with torch.device("meta"):
+        return E.spec_from_module(TinyLM(d_model, layers), "TinyLM")
+
+
+# benchmark mode -> (estimator method, what its optimizer-state bytes are)
+BENCH = {"ddp_adamw": "ddp_adamw", "zero_redundancy": "deepspeed_zero1", "stage1": "stage1", "ddp_stage1": "stage1",
+         "stage2": "stage2"}
+
+
+def test_against_committed_memory_benchmark():
+    """benchmarks/results/memory.jsonl: per-rank optimizer-state bytes (TinyLM(512, 4), 12.9M fp32 params, bucket
+    size 2**20, N = 1, 2, 4) -- every rank of every mode within 5%. zero_redundancy (torch's ZeroRedundancy-
+    Optimizer) shards whole params, unevenly; it is compared with the ZeRO-1 formula."""
+    path = ROOT / "benchmarks" / "results" / "memory.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    spec = _tinylm_spec()
+    rows = []
+    for r in recs:
+        assert r["params"] == spec.numel == 12938240
+        est = by_method(E.estimate(spec, r["world_size"], "fp32", bucket_size=2**20, methods=[BENCH[r["mode"]]]))
+        e = est[BENCH[r["mode"]]]
+        rows.append((f"{r['mode']} N={r['world_size']} rank {r['rank']}", r["state_bytes"], e.optimizer_state + e.master))
+    _report(rows, "memory.jsonl: optimizer state bytes per rank")
+    for case, measured, est in rows:
+        assert abs(_error(est, measured)) <= TOL, case
+        if not case.startswith("zero_redundancy"):
+            assert abs(_error(est, measured)) <= 1e-3, case  # ours: exact up to < N padding per bucket
+
+
+def measure(rank, world, cfgs):
+    """Train TinyLM a few steps per config; per-rank optimizer-state bytes and peak gradient bytes.
+
+    Gradient bytes: param.grad after backward (torch AdamW, stage 1, one-process stage 2) + the engine's own peak
+    of the buffers and shards it holds (``GradEngine.peak_grad_bytes``), over steps after the first (the bucket
+    launch order is settled at the first step)."""
+    torch.manual_seed(0)
+    out = []
+    for cfg in cfgs:
+        dtype = torch.bfloat16 if cfg["dtype"] == "bf16" else torch.float32
+        model = TinyLM(cfg["d_model"], cfg["layers"], seq_len=32).to(dtype)
+        params = list(model.parameters())
+        if cfg["mode"] == "torch_adamw":
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=(dtype == torch.float32))
+        else:
+            opt = ShardedAdamW(params, lr=1e-4, bucket_size=cfg["bucket_size"], stage=cfg.get("stage", 2),
+                               step_in_backward=cfg["mode"].startswith("sib"),
+                               max_grad_norm=1.0 if cfg["mode"] == "sib_clip" else None)
+        grads = 0
+        for step in range(3):
+            x = torch.randint(0, 256, (1, 33), generator=torch.Generator().manual_seed(10 * step + rank))
+            loss = nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1).float(), x[:, 1:].flatten())
+            loss.backward()
+            held = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+            opt.step()
+            if step > 0:
+                grads = max(grads, held + (opt.engine.peak_grad_bytes if isinstance(opt, ShardedAdamW) else 0))
+            if isinstance(opt, ShardedAdamW):
+                opt.engine.reset_peak()
+            opt.zero_grad(set_to_none=True)
+        if isinstance(opt, ShardedAdamW):
+            state = opt.state_bytes()
+            opt.engine.remove_hooks()
+        else:
+            state = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
+                        if torch.is_tensor(t) and k != "step")
+        out.append({"state": state, "grads": grads})
+    return out
+
+
+# live mode -> estimator method
+LIVE = {"torch_adamw": "ddp_adamw", "stage1": "stage1", "stage2": "stage2", "sib": "step_in_backward",
+        "sib_clip": "step_in_backward_clip"}
+
+
+def _compare(cfgs, results, world, title):
+    rows_total, rows_state, rows_grads = [], [], []
+    for cfg, res in zip(cfgs, results):
+        with torch.device("meta"):
+            spec = E.spec_from_module(TinyLM(cfg["d_model"], cfg["layers"], seq_len=32))
+        method = LIVE[cfg["mode"]]
+        e = by_method(E.estimate(spec, world, cfg["dtype"], bucket_size=cfg["bucket_size"], methods=[method]))[method]
+        label = (f"{cfg['mode']}{cfg.get('stage', '') if cfg['mode'] == 'stage1' else ''} {cfg['dtype']} N={world} "
+                 f"TinyLM({cfg['d_model']},{cfg['layers']}) b=2^{int(math.log2(cfg['bucket_size']))}")
+        label = label.replace("stage11", "stage1")
+        rows_state.append((label, res["state"], e.optimizer_state + e.master))
+        rows_grads.append((label, res["grads"], e.grads))
+        rows_total.append((label, res["state"] + res["grads"], e.optimizer_state + e.master + e.grads, cfg))
+    _report(rows_grads, f"{title}: gradient bytes per rank (peak)")
+    _report([r[:3] for r in rows_total], f"{title}: optimizer state + gradient bytes per rank")
+    for case, measured, est in rows_state:
+        assert abs(_error(est, measured)) <= 1e-3, ("state", case, measured, est)
+    for case, measured, est, cfg in rows_total:
+        lo, hi = cfg.get("tol", (-TOL, TOL))
+        assert lo <= _error(est, measured) <= hi, ("state + grads", case, measured, est)
+
+
+ONE_PROCESS = [dict(mode=m, dtype=dt, d_model=d, layers=layers, bucket_size=bucket)
+               for dt, d, layers, bucket in (("fp32", 512, 4, 2**20), ("bf16", 256, 2, 2**16))
+               for m in ("torch_adamw", "stage1", "stage2", "sib", "sib_clip")]
+
+
+@pytest.mark.slow
+def test_against_live_measurements_one_process():
+    """The benchmarks' model (TinyLM(512, 4), 12.9M params, bucket size 2**20) in fp32, and TinyLM(256, 2) in
+    bf16 (bf16 matmuls are slow on CPU), in this process: the state is exact, state + gradient bytes within 5%."""
+    results = measure(0, 1, ONE_PROCESS)
+    _compare(ONE_PROCESS, results, 1, "one process")
+
+
+# Several ranks. How many buckets are really in flight (1 to 3) depends on when each reduction completes; the
+# estimate counts 3. With buckets small against the 1/N shard (as with a real LLM: 2**23-element buckets, billions
+# of params) that is a small share of the total: TinyLM(64, 24), 1.2M params, 16K-element buckets -> within 5%.
+# With a few buckets as large as 1/10 of the shard (TinyLM(256, 2), 256K-element tensors) it is not: the estimate
+# may exceed the measurement by up to 15% there (never below it by more than 5%).
+MODES = (("stage1", dict(stage=1)), ("stage2", {}), ("sib", {}), ("sib_clip", {}))
+MULTI = [dict(mode=m, dtype=dt, d_model=64, layers=24, bucket_size=2**14, **kw) for dt in ("fp32", "bf16") for m, kw in MODES]
+STRESS = [dict(mode=m, dtype="fp32", d_model=256, layers=2, bucket_size=2**16, tol=(-TOL, 0.15), **kw) for m, kw in MODES]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_against_live_measurements_ranks(world_size):
+    """N gloo ranks: every rank's optimizer state exact; state + peak gradient bytes within 5% (see above)."""
+    cfgs = MULTI + (STRESS if world_size == 3 else [])
+    results = run_ranks(measure, world_size, cfgs, timeout=600)
+    for rank, res in enumerate(results):
+        _compare(cfgs, res, world_size, f"rank {rank}")
