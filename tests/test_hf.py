@@ -105,3 +105,34 @@ def test_trainer_variants_resume_exactly(variant):
         # only the adapters are trainable, sharded over 2 ranks: state = their padded elements / 2 x 8 bytes
         assert full["trainable"] < 5000
         assert full["state_bytes"] == full["padded"] // 2 * 8
+
+
+def test_trl_sft_trainer_with_the_mixin(tmp_path):
+    """TRL's SFTTrainer takes the same arguments: the mixin gives it ShardedAdamW and the optimizer's grad_norm."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    from helpers import tiny_llama
+    from zeroadamw.integrations.accelerate import find_sharded_optimizer
+    from zeroadamw.integrations.hf import ZeroTrainerMixin
+
+    class ZeroSFTTrainer(ZeroTrainerMixin, SFTTrainer):
+        pass
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(97)}, unk_token="t96"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t96", eos_token="t96")
+    g = torch.Generator().manual_seed(0)
+    ds = Dataset.from_dict({"input_ids": torch.randint(0, 96, (32, 12), generator=g).tolist()})
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                     use_cpu=True, logging_steps=1, learning_rate=1e-3, max_grad_norm=1.0, disable_tqdm=True,
+                     dataset_kwargs={"skip_prepare_dataset": True}, save_strategy="no")
+    trainer = ZeroSFTTrainer(model=tiny_llama(), args=args, train_dataset=ds, processing_class=tokenizer,
+                             zeroadamw={"stage": 2})
+    trainer.train()
+    opt = find_sharded_optimizer(trainer.optimizer)
+    assert opt is not None and opt.max_grad_norm == 1.0
+    norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
+    assert len(norms) == 3 and norms[-1] == pytest.approx(opt.grad_norm)
