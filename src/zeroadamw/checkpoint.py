@@ -315,13 +315,15 @@ def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str]) -> tuple[dict[
             s = bucket.layout.slots[i]
             kinds = {}
             for kind, (how, t) in opt._state_kinds(p).items():
+                shape = list(opt._state_shape(p, how, t))
                 if how == "range":
                     entries[f"optim/{fqn}/{kind}"] = _Range(t, s.own_lo, s.numel)
-                    kinds[kind] = {"shape": list(p.shape), "dtype": _dtype_name(t.dtype), "sharded": True}
+                elif how == "rows":
+                    lo, _ = opt._rows_range(bucket, i)
+                    entries[f"optim/{fqn}/{kind}"] = _Range(t, lo, p.shape[0])
                 else:
                     entries[f"optim/{fqn}/{kind}"] = t
-                    kinds[kind] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "sharded": False}
-            entries[f"optim/{fqn}/step"] = opt.state[p]["step"]
+                kinds[kind] = {"shape": shape, "dtype": _dtype_name(t.dtype), "sharded": how in ("range", "rows")}
             desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "kinds": kinds, "rule": opt.rule}
     return entries, desc
 
@@ -339,6 +341,7 @@ def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str]) -> tupl
                 if k == "step":
                     entries[f"optim/{fqn}/step"] = (v.detach().reshape(()).to(torch.float32) if isinstance(v, Tensor)
                                                     else torch.tensor(float(v), dtype=torch.float32))
+                    kinds["step"] = {"shape": [], "dtype": "float32", "sharded": False}
                 elif isinstance(v, Tensor) and v.shape == p.shape:
                     entries[f"optim/{fqn}/{k}"] = v.detach().reshape(-1)
                     kinds[k] = {"shape": list(p.shape), "dtype": _dtype_name(v.dtype), "sharded": True}
@@ -465,7 +468,8 @@ def save(
             entries, desc = _plain_entries(optimizer, names)
             kind = type(optimizer).__name__
         state.update(entries)
-        steps = [float(v) for k, v in entries.items() if k.endswith("/step")]
+        steps = [float((v.local if isinstance(v, _Range) else v).max()) for k, v in entries.items()
+                 if k.endswith("/step") and (not isinstance(v, _Range) or v.local.numel())]
         meta["optimizer"] = {"class": kind, "param_groups": _groups_json(optimizer, names), "params": desc,
                              "max_step": max(steps, default=0.0)}
         if isinstance(optimizer, ShardedAdamW):
@@ -626,7 +630,7 @@ def load(
             for fqn, d in desc.items():
                 saved = opt_meta["params"].get(fqn)
                 if saved is None:  # trainable now, had no state then: fresh
-                    for kind in list(d["kinds"]) + ["step"]:
+                    for kind in d["kinds"]:
                         entries.pop(f"optim/{fqn}/{kind}", None)
                     continue
                 for kind in d["kinds"]:
@@ -638,6 +642,10 @@ def load(
                         raise CheckpointError(
                             f"{path}: {fqn} has no {kind!r} state in the checkpoint (saved by rule "
                             f"{saved.get('rule')!r}, loading into rule {optimizer.rule!r})")
+                    if saved["kinds"][kind]["shape"] != d["kinds"][kind]["shape"]:
+                        raise CheckpointError(
+                            f"{path}: {fqn} {kind!r} has shape {saved['kinds'][kind]['shape']} in the checkpoint, "
+                            f"{d['kinds'][kind]['shape']} here (another optimizer class or grouping)")
             dest.update(entries)
         else:
             plain = _plain_dests(optimizer, names, opt_meta)
@@ -664,11 +672,11 @@ def load(
             for fqn, p in by_name.items():
                 if p in optimizer.engine.where and fqn not in opt_meta["params"]:
                     bucket, i = optimizer.engine.where[p]
-                    optimizer.state[p]["step"].zero_()
-                    bucket.shard_view(bucket.exp_avg, i).zero_()
-                    bucket.shard_view(bucket.exp_avg_sq, i).zero_()
-                    if bucket.master is not None:
-                        optimizer._master_stale.add(p)
+                    for kind, (how, t) in optimizer._state_kinds(p).items():
+                        if kind == "master":
+                            optimizer._master_stale.add(p)
+                        else:
+                            t.zero_()
         else:
             _apply_plain(optimizer, names, opt_meta, dest)
         if model is not None:
@@ -705,10 +713,14 @@ def _plain_dests(optimizer, names, opt_meta) -> dict[str, Tensor]:
             if d is None:
                 continue
             for kind, k in d["kinds"].items():
-                if not k["sharded"]:
+                if kind == "step":
+                    if k["shape"]:
+                        raise CheckpointError(f"{names[p]}: per-row steps are SparseAdamW state; load it into that optimizer")
+                    dests[f"optim/{names[p]}/step"] = torch.zeros((), dtype=torch.float32)
+                    continue
+                if not k["sharded"] or k["shape"] != list(p.shape):
                     raise CheckpointError(f"{names[p]}: {kind!r} is {d.get('rule')} state; load it into that optimizer")
                 dests[f"optim/{names[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(k["dtype"]))
-            dests[f"optim/{names[p]}/step"] = torch.zeros((), dtype=torch.float32)
     return dests
 
 
@@ -722,7 +734,8 @@ def _apply_plain(optimizer, names, opt_meta, loaded) -> None:
         for p in g["params"]:
             d = opt_meta["params"].get(names[p])
             if d is not None:
-                st = {kind: loaded[f"optim/{names[p]}/{kind}"].view(p.shape) for kind in d["kinds"] if kind != "master"}
+                st = {kind: loaded[f"optim/{names[p]}/{kind}"].view(p.shape) for kind in d["kinds"]
+                      if kind not in ("master", "step")}
                 st["step"] = loaded[f"optim/{names[p]}/step"]
                 state[index] = st
             ids.append(index)
@@ -785,11 +798,14 @@ def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                 for fqn in sg["params"]:
                     d = om["params"].get(fqn)
                     if d is not None:
-                        step = read(f"optim/{fqn}/step", [], torch.float32)
-                        if float(step) > 0:
-                            entry = {"step": w.tensor(step)}
+                        sk = d["kinds"].get("step", {"shape": [], "dtype": "float32"})
+                        step = read_full(f"optim/{fqn}/step", sk["shape"], _dtype(sk["dtype"]))
+                        if float(step.max()) > 0:
+                            entry = {}
                             for kind, k in d["kinds"].items():
-                                if k["sharded"]:
+                                if kind == "step":
+                                    t = step
+                                elif k["sharded"]:
                                     t = read(f"optim/{fqn}/{kind}", k["shape"], _dtype(k["dtype"])).view(k["shape"])
                                 else:
                                     t = read_full(f"optim/{fqn}/{kind}", k["shape"], _dtype(k["dtype"]))

@@ -51,6 +51,8 @@ def _flat(t: Tensor) -> Tensor:
 class Bucket:
     """Parameters of one group packed into one flat buffer, and this rank's shard of it."""
 
+    always_hooked = False  # reduce in backward hooks whatever the stage (row-sharded buckets)
+
     def __init__(
         self,
         params: list[Tensor],
@@ -59,11 +61,12 @@ class Bucket:
         reduce_dtype: torch.dtype,
         acc_dtype: torch.dtype,
         master_dtype: torch.dtype | None,
+        unit: int = 1,
     ) -> None:
         self.params = params
         self.group_index = group_index
         self.comm = comm
-        self.layout = BucketLayout([p.numel() for p in params], comm.world_size, comm.rank)
+        self.layout = BucketLayout([p.numel() for p in params], comm.world_size, comm.rank, unit=unit)
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.reduce_dtype = reduce_dtype
@@ -111,6 +114,9 @@ class Bucket:
     def owned_param_view(self, i: int) -> Tensor:
         s = self.layout.slots[i]
         return _flat(self.params[i].detach())[s.own_lo : s.own_hi]
+
+    def check(self, p: Tensor, grad: Tensor) -> tuple[type, str] | None:
+        return check_grad(p, grad)
 
     def owned_grad_or_empty(self, i: int) -> Tensor:
         """The owned part of ``param.grad`` (one process / DDP-averaged), or an empty tensor when it has none."""
@@ -301,7 +307,7 @@ class GradEngine:
 
     # --------------------------------------------------------------------------------------------- building
     def add_bucket(self, bucket: Bucket) -> None:
-        bucket.direct = self.step_in_backward and bucket.comm.world_size == 1
+        bucket.direct = (self.step_in_backward or bucket.always_hooked) and bucket.comm.world_size == 1
         bucket.tracker = self
         self.buckets.append(bucket)
         for i, p in enumerate(bucket.params):
@@ -313,8 +319,9 @@ class GradEngine:
                 self._hooks.append(p.register_post_accumulate_grad_hook(lambda p, ref=ref: _hook(ref, p)))
 
     def hooked(self, bucket: Bucket) -> bool:
-        """Stage 2 over several ranks and step-in-backward reduce during backward; the rest read ``param.grad``."""
-        return self.step_in_backward or (self.stage == 2 and bucket.comm.world_size > 1)
+        """Stage 2 over several ranks and step-in-backward reduce during backward; the rest read ``param.grad``.
+        (Row-sharded buckets -- SparseAdamW -- always reduce in backward.)"""
+        return bucket.always_hooked or self.step_in_backward or (self.stage == 2 and bucket.comm.world_size > 1)
 
     def sharded(self, bucket: Bucket) -> bool:
         """Whether the update reads ``bucket.shard_grad`` (else: slices of ``param.grad``)."""
@@ -370,7 +377,7 @@ class GradEngine:
                        "use torch.utils.checkpoint with use_reentrant=False")
             p.grad = None
             return
-        problem = check_grad(p, grad)
+        problem = bucket.check(p, grad)
         if problem is not None:
             self.error(*problem)
             p.grad = None
@@ -482,7 +489,7 @@ class GradEngine:
         """Gradients left in ``param.grad`` (from backward passes run under ``no_sync()``) join this round."""
         for i, p in enumerate(bucket.params):
             if not bucket.landed[i] and p.grad is not None:
-                problem = check_grad(p, p.grad)
+                problem = bucket.check(p, p.grad)
                 if problem is not None:
                     self.error(*problem)
                     p.grad = None
@@ -540,7 +547,7 @@ class GradEngine:
             if not self.sharded(bucket):  # one process, or gradients already averaged by DDP
                 for i, p in enumerate(bucket.params):
                     if p.grad is not None:
-                        problem = check_grad(p, p.grad)
+                        problem = bucket.check(p, p.grad)
                         if problem is not None:
                             self.error(*problem)
                         else:
@@ -553,7 +560,7 @@ class GradEngine:
             for i, p in enumerate(bucket.params):
                 s = bucket.layout.slots[i]
                 dst = bucket.full[s.offset : s.offset + s.numel]
-                problem = None if p.grad is None else check_grad(p, p.grad)
+                problem = None if p.grad is None else bucket.check(p, p.grad)
                 if problem is not None:
                     self.error(*problem)
                 if p.grad is None or problem is not None:

@@ -10,6 +10,8 @@ decide
   in that range (``own_lo:own_hi`` in the flattened parameter, ``shard_lo`` in the rank's shard).
 
 A bucket of ``n`` real elements is padded to ``ceil(n / N) * N``: fewer than ``N`` padding elements per bucket.
+(Row-sharded buckets -- SparseAdamW's ``sparse="rows"`` -- use ``unit`` = the row size, so every rank owns whole
+rows: fewer than ``N`` padding *rows*.)
 Rank ``r`` owns ``[r * S, (r + 1) * S)`` of every bucket, ``S = padded / N``. Every element of every parameter is
 owned by exactly one rank (tests/test_layout.py checks this with hypothesis).
 """
@@ -42,17 +44,20 @@ class BucketLayout:
 
     __slots__ = ("numel", "padded", "shard", "world_size", "rank", "slots")
 
-    def __init__(self, numels: list[int], world_size: int, rank: int) -> None:
+    def __init__(self, numels: list[int], world_size: int, rank: int, unit: int = 1) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         if not numels:
             raise ValueError("a bucket needs at least one parameter")
+        if unit < 1:
+            raise ValueError(f"unit must be >= 1, got {unit}")
         self.numel = sum(numels)
         self.world_size = world_size
         self.rank = rank
-        self.shard = -(-self.numel // world_size)  # ceil
+        # every shard is a whole number of units (rows, for row-sharded params): ceil(numel / (N * unit)) units
+        self.shard = -(-self.numel // (world_size * unit)) * unit
         self.padded = self.shard * world_size
         lo, hi = rank * self.shard, (rank + 1) * self.shard
         slots = []

@@ -874,16 +874,56 @@ class ShardedAdamW(torch.optim.Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _state_kinds(self, p: Tensor) -> dict[str, tuple[str, Tensor]]:
-        """This rank's state of ``p`` by kind: ``("range", t)`` -- the owned elements ``own_lo:own_hi`` of a tensor
-        shaped like ``p`` (sharded) -- or ``("full", t)`` -- a whole tensor every rank holds identically."""
-        st = self.state[p]
+        """This rank's state of ``p`` by kind, and how it is laid out across ranks:
+
+        * ``("range", t)`` -- the owned elements ``own_lo:own_hi`` of a tensor shaped like ``p`` (sharded);
+        * ``("rows", t)`` -- the owned rows ``rows_lo:rows_hi`` of a ``[p.shape[0]]`` tensor (row-sharded params'
+          per-row step counts, SparseAdamW);
+        * ``("full", t)`` -- a whole tensor every rank holds identically;
+        * ``("scalar", t)`` -- a 0-d tensor every rank holds identically (the step count).
+        """
         out = {}
-        for k, t in st.items():
+        for k, t in self.state[p].items():
             if k == "step":
-                continue
-            full = k in ("exp_avg_sq_row", "exp_avg_sq_col")
-            out[k] = ("full" if full else "range", t)
+                out[k] = ("scalar", t)
+            elif k in ("exp_avg_sq_row", "exp_avg_sq_col"):
+                out[k] = ("full", t)
+            else:
+                out[k] = ("range", t)
         return out
+
+    def _state_shape(self, p: Tensor, how: str, t: Tensor) -> tuple[int, ...]:
+        """The consolidated (whole-model) shape of a state kind of ``p``."""
+        if how == "range":
+            return tuple(p.shape)
+        if how == "rows":
+            return (p.shape[0],)
+        return tuple(t.shape)
+
+    def _gather_kind(self, bucket: Bucket, k: str, how: str, dtype: torch.dtype) -> Tensor:
+        """All-gather one sharded state kind of a bucket into its padded flat layout (rows: padded row layout)."""
+        if how == "range":
+            flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
+            if flat is None:  # per-param ranges (AdaLomo's vector moments): pack into a flat shard first
+                flat = torch.zeros(bucket.layout.shard, dtype=dtype, device=bucket.device)
+                for i, p in enumerate(bucket.params):
+                    if k in self.state[p]:
+                        bucket.shard_view(flat, i).copy_(self.state[p][k])
+            return self._gather_flat(bucket, flat)
+        # rows: one param per row-sharded bucket; every rank sends its padded share of rows
+        p = bucket.params[0]
+        per = bucket.layout.shard // (p.numel() // p.shape[0])
+        local = torch.zeros(per, dtype=dtype, device=bucket.device)
+        t = self.state[p][k]
+        local[: t.numel()].copy_(t)
+        out = torch.empty(per * bucket.comm.world_size, dtype=dtype, device=bucket.device)
+        bucket.comm.all_gather(out, local, async_op=False)
+        return out
+
+    def _rows_range(self, bucket: Bucket, i: int) -> tuple[int, int]:
+        p, s = bucket.params[i], bucket.layout.slots[i]
+        d = p.numel() // p.shape[0]
+        return s.own_lo // d, s.own_hi // d
 
     def state_dict(self) -> dict[str, Any]:
         """The consolidated state, in ``torch.optim.AdamW``'s format. A collective: call it on every rank.
@@ -891,7 +931,8 @@ class ShardedAdamW(torch.optim.Optimizer):
         ``state`` maps the param index (counted over ``param_groups`` as torch does, frozen params included) to
         ``step``, ``exp_avg``, ``exp_avg_sq`` (full shape) and, for bf16/fp16 params, ``master`` (fp32 weights).
         ``torch.optim.AdamW(...).load_state_dict(sd)`` accepts it. (``rule="adalomo"``: ``exp_avg_sq_row`` /
-        ``exp_avg_sq_col`` for matrices, ``exp_avg_sq`` for vectors; ``rule="lomo"``: ``step`` and ``master``.)
+        ``exp_avg_sq_col`` for matrices, ``exp_avg_sq`` for vectors; ``rule="lomo"``: ``step`` and ``master``;
+        SparseAdamW's row-sharded params: ``step`` per row and ``decay_mark`` per row.)
         Every rank receives the full state, so this costs the full unsharded state in memory; for large models
         use :mod:`zeroadamw.checkpoint`.
         """
@@ -902,30 +943,24 @@ class ShardedAdamW(torch.optim.Optimizer):
         state: dict[int, dict[str, Tensor]] = {}
         if self._state_ready:
             for bucket in self.engine.buckets:
-                kinds = {}
+                kinds: dict[tuple[str, str], torch.dtype] = {}
                 for p in bucket.params:
                     for k, (how, t) in self._state_kinds(p).items():
-                        if how == "range":
-                            kinds.setdefault(k, t.dtype)
-                gathered = {}
-                for k, dtype in kinds.items():
-                    flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
-                    if flat is None:  # per-param ranges (AdaLomo's vector moments): pack into a flat shard first
-                        flat = torch.zeros(bucket.layout.shard, dtype=dtype, device=bucket.device)
-                        for i, p in enumerate(bucket.params):
-                            if k in self.state[p]:
-                                bucket.shard_view(flat, i).copy_(self.state[p][k])
-                    gathered[k] = self._gather_flat(bucket, flat)
+                        if how in ("range", "rows"):
+                            kinds.setdefault((k, how), t.dtype)
+                gathered = {k: self._gather_kind(bucket, k, how, dtype) for (k, how), dtype in kinds.items()}
                 for i, p in enumerate(bucket.params):
-                    if self.state[p]["step"].item() == 0:
-                        continue  # never updated: no state, as in torch
                     s = bucket.layout.slots[i]
-                    entry = {"step": self.state[p]["step"].detach().clone()}
+                    entry = {}
                     for k, (how, t) in self._state_kinds(p).items():
                         if how == "range":
                             entry[k] = gathered[k][s.offset : s.offset + s.numel].view_as(p).clone()
+                        elif how == "rows":
+                            entry[k] = gathered[k][: p.shape[0]].clone()
                         else:
                             entry[k] = t.detach().clone()
+                    if float(entry["step"].max()) == 0:
+                        continue  # never updated: no state, as in torch
                     state[index[p]] = entry
         groups = []
         for group in self.param_groups:
@@ -989,9 +1024,11 @@ class ShardedAdamW(torch.optim.Optimizer):
                         continue
                     raise ValueError(
                         f"param index {k}: loaded state lacks {kind!r} -- it was written by another update rule "
-                        f"than this optimizer's rule={self.rule!r}")
+                        f"than this optimizer's rule={self.rule!r} (or another optimizer class)")
                 t = st[kind]
-                want = p.shape if how == "range" else mine.shape
+                if kind == "step" and how == "scalar" and not isinstance(t, Tensor):
+                    continue  # a float step (old torch state dicts)
+                want = torch.Size(self._state_shape(p, how, mine))
                 if not isinstance(t, Tensor) or t.shape != want:
                     raise ValueError(
                         f"param index {k}: loaded {kind} has shape {tuple(getattr(t, 'shape', ()))}, expected "
@@ -1005,7 +1042,6 @@ class ShardedAdamW(torch.optim.Optimizer):
         for bucket in self.engine.buckets:
             for i, p in enumerate(bucket.params):
                 if p not in loaded:  # trainable but never stepped when saved: fresh state, as in torch
-                    self.state[p]["step"].zero_()
                     for kind, (how, t) in self._state_kinds(p).items():
                         if kind == "master":
                             self._master_stale.add(p)
@@ -1014,13 +1050,19 @@ class ShardedAdamW(torch.optim.Optimizer):
         for p, st in entries:
             bucket, i = self.engine.where[p]
             s = bucket.layout.slots[i]
-            step = st["step"]
-            self.state[p]["step"].fill_(float(step.item() if isinstance(step, Tensor) else step))
             for kind, (how, t) in self._state_kinds(p).items():
                 if kind == "master" and "master" not in st:
                     self._master_stale.add(p)
                     continue
                 src = st[kind]
-                t.copy_(src.reshape(-1)[s.own_lo : s.own_hi] if how == "range" else src)
+                if how == "range":
+                    t.copy_(src.reshape(-1)[s.own_lo : s.own_hi])
+                elif how == "rows":
+                    lo, hi = self._rows_range(bucket, i)
+                    t.copy_(src[lo:hi])
+                elif how == "scalar":
+                    t.fill_(float(src.item() if isinstance(src, Tensor) else src))
+                else:
+                    t.copy_(src)
                 if kind == "master":
                     self._master_stale.discard(p)
