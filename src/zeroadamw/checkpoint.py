@@ -296,7 +296,8 @@ def _param_names(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer
 def _groups_json(optimizer: torch.optim.Optimizer, names: dict[Tensor, str]) -> list[dict]:
     groups = []
     for gi, g in enumerate(optimizer.param_groups):
-        hyper = {k: _jsonable(v, f"param_groups[{gi}].{k}") for k, v in g.items() if k not in ("params", "param_names")}
+        hyper = {k: _jsonable(v, f"param_groups[{gi}].{k}") for k, v in g.items()
+                 if k not in ("params", "param_names", "process_group")}
         hyper["params"] = [names[p] for p in g["params"]]
         groups.append(hyper)
     return groups

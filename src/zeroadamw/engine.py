@@ -74,7 +74,8 @@ class Bucket:
         self.master_dtype = master_dtype  # None: params are updated in their own dtype
         self.state_dtype = master_dtype or self.dtype
         # backward-round bookkeeping (stage 2)
-        self.full: Tensor | None = None  # padded flat gradient buffer, alive until its reduce-scatter is done
+        self.tracker = None  # the engine: counts gradient memory as buffers come and go
+        self._full: Tensor | None = None  # padded flat gradient buffer, alive until its reduce-scatter is done
         self.full_nbytes = self.layout.padded * torch.empty((), dtype=reduce_dtype).element_size()
         self.launched = False  # reduce-scatter of this round started
         self.flushed = False  # had to be sent at the end of a backward, unfilled, since the last step
@@ -86,13 +87,24 @@ class Bucket:
         self.direct_grads: list[Tensor | None] = [None] * len(params)
         self.applied = False  # updated during backward this step (fused step-in-backward)
         # reduced, averaged gradient of the owned shard (accumulated over backward passes until step)
-        self.tracker = None  # the engine: counts gradient memory as shard_grad comes and goes
         self._shard_grad: Tensor | None = None
         self.present = [False] * len(params)  # got a gradient on this rank since the last step
         # optimizer state of the owned shard (flat); optimizer.state[p] holds views into these
         self.exp_avg: Tensor | None = None
         self.exp_avg_sq: Tensor | None = None
         self.master: Tensor | None = None
+
+    @property
+    def full(self) -> Tensor | None:
+        return self._full
+
+    @full.setter
+    def full(self, t: Tensor | None) -> None:
+        old = self._full
+        if self.tracker is not None and old is not t:
+            delta = (0 if t is None else t.numel() * t.element_size()) - (0 if old is None else old.numel() * old.element_size())
+            self.tracker._count_full(delta)
+        self._full = t
 
     @property
     def shard_grad(self) -> Tensor | None:
@@ -382,8 +394,6 @@ class GradEngine:
             self.error(*problem)
             p.grad = None
             return
-        if bucket.full is None and not bucket.direct:
-            self._track_alloc(bucket)
         was_pending = bucket.pending
         bucket.land(i, grad)
         p.grad = None
@@ -391,8 +401,8 @@ class GradEngine:
             self._fill_log.append(bucket)
         self._launch_ready()
 
-    def _track_alloc(self, bucket: Bucket) -> None:
-        self.full_bytes += bucket.full_nbytes
+    def _count_full(self, delta: int) -> None:
+        self.full_bytes += delta
         self.peak_full_bytes = max(self.peak_full_bytes, self.full_bytes)
         self.peak_grad_bytes = max(self.peak_grad_bytes, self.full_bytes + self.shard_bytes)
 
@@ -418,7 +428,6 @@ class GradEngine:
     def _finish(self, bucket: Bucket) -> None:
         if not bucket.direct:
             bucket.finish()
-            self.full_bytes -= bucket.full_nbytes
         if self.fused and self._final and not bucket.applied:
             handle = self.apply_fn(bucket)
             if handle is not None:
@@ -438,8 +447,6 @@ class GradEngine:
         for bucket in hooked[self._next :]:
             self._pack_leftovers(bucket)
             bucket.flushed = bucket.flushed or bucket.pending > 0
-            if bucket.full is None and not bucket.direct:
-                self._track_alloc(bucket)
             bucket.fill_missing()
             self._launch(bucket)
         self._drain()
@@ -494,8 +501,6 @@ class GradEngine:
                     self.error(*problem)
                     p.grad = None
                     continue
-                if bucket.full is None and not bucket.direct:
-                    self._track_alloc(bucket)
                 bucket.land(i, p.grad)
                 p.grad = None
 
@@ -531,8 +536,6 @@ class GradEngine:
                 self._final = False  # reduced at step(): the optimizer's step() applies it
                 for bucket in hooked:
                     self._pack_leftovers(bucket)
-                    if bucket.full is None and not bucket.direct:
-                        self._track_alloc(bucket)
                     bucket.fill_missing()
                     self._launch(bucket)
                 self._drain()
@@ -555,7 +558,6 @@ class GradEngine:
                 continue
             # stage 1 over several ranks: pack param.grad and reduce-scatter now
             self.packed_at_step = True
-            self._track_alloc(bucket)
             bucket.full = bucket._alloc_full()
             for i, p in enumerate(bucket.params):
                 s = bucket.layout.slots[i]

@@ -526,7 +526,7 @@ class ShardedAdamW(torch.optim.Optimizer):
             self._raise_agreed(errors)
         n_present = presence.numel()
         total_sq = stats[0].item()
-        present = (stats[2 : 2 + n_present] > 0).tolist()
+        present = self._agree_presence((stats[2 : 2 + n_present] > 0).tolist())
         engine.demote((stats[2 + n_present :] > 0).tolist())
         norm = math.sqrt(total_sq) if math.isfinite(total_sq) else float("nan")
         if scale is not None:
@@ -648,6 +648,10 @@ class ShardedAdamW(torch.optim.Optimizer):
                         eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
                         lr_max=_lr_max(group), impl=self.impl)
 
+    def _agree_presence(self, present: list[bool]) -> list[bool]:
+        """Hook for optimizers with buckets over other process groups (SparseAdamW's expert groups)."""
+        return present
+
     def _local_checks(self) -> list[tuple[type, str]]:
         """Problems this rank can see before any collective; reported with the others' in the control all-reduce."""
         errors = []
@@ -687,7 +691,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         self._resume_checked = True
         resumed = [getattr(p, "_zeroadamw_resumed_step", 0) for b in self.engine.buckets for p in b.params]
         step = max(resumed, default=0)
-        fresh = all(float(st["step"]) == 0 for st in self.state.values())
+        fresh = all(float(st["step"].max()) == 0 for st in self.state.values() if st["step"].numel())
         if step > 0 and fresh:
             msg = (
                 f"zeroadamw: this model was restored from a checkpoint saved at optimizer step {step:g}, but the "
@@ -964,7 +968,7 @@ class ShardedAdamW(torch.optim.Optimizer):
                     state[index[p]] = entry
         groups = []
         for group in self.param_groups:
-            g = {k: v for k, v in group.items() if k != "params"}
+            g = {k: v for k, v in group.items() if k not in ("params", "process_group")}
             g["params"] = [index[p] for p in group["params"]]
             groups.append(g)
         return {"state": state, "param_groups": groups}
