@@ -80,8 +80,9 @@ def reduced(opt):
     for bucket in engine.buckets:
         p = bucket.params[0]
         if isinstance(bucket, RowBucket):
-            rows = torch.arange(bucket.rows_hi - bucket.rows_lo)
-            grads[p] = _gather_rows(bucket, bucket.owned_row_grads(rows)).view(p.shape)
+            rows = list(range(bucket.rows_hi - bucket.rows_lo))
+            owned = torch.stack(bucket.owned_row_grads(rows)) if rows else torch.zeros(0, bucket.D)
+            grads[p] = _gather_rows(bucket, owned).view(p.shape)
             touched[p] = bucket.touched.clone()
         elif not engine.sharded(bucket):  # one process: the update reads param.grad
             for q in bucket.params:

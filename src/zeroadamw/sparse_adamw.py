@@ -60,6 +60,13 @@ __all__ = ["SparseAdamW", "RowBucket", "moe_param_groups"]
 _DENSE, _COO = 1.0, 2.0
 
 
+def _nonzero_rows(g: Tensor) -> Tensor:
+    """Rows of a 2-D tensor with any non-zero entry (max > 0 or min < 0: two reductions, no temporary)."""
+    if g.numel() == 0:
+        return torch.zeros(g.shape[0], dtype=torch.bool, device=g.device)
+    return (g.amax(dim=1) > 0) | (g.amin(dim=1) < 0)
+
+
 class RowBucket(Bucket):
     """One ``{"sparse": "rows"}`` parameter, sharded by whole rows (slices along dim 0)."""
 
@@ -98,7 +105,7 @@ class RowBucket(Bucket):
             g = grad.coalesce()
             idx = g.indices()[0]
             vals = g.values().reshape(idx.numel(), self.D)
-            nz = vals.ne(0).any(dim=1)
+            nz = _nonzero_rows(vals)
             self.local_touched[idx[nz]] = True
             self.coo_in.append((idx, vals))
             self.local_kind = max(self.local_kind, _COO)
@@ -107,7 +114,7 @@ class RowBucket(Bucket):
                 self.pending -= 1
             self.present[i] = True
             return
-        self.local_touched |= grad.reshape(self.R, self.D).ne(0).any(dim=1)
+        self.local_touched |= _nonzero_rows(grad.reshape(self.R, self.D))
         self.local_kind = max(self.local_kind, _DENSE)
         super().land(i, grad)
 
@@ -185,25 +192,26 @@ class RowBucket(Bucket):
         if self.tracker is not None:
             self.tracker._count_shard(vals.numel() * vals.element_size())
 
-    def owned_row_grads(self, rows: Tensor) -> Tensor:
-        """The averaged gradient of owned rows ``rows`` (local row indices), ``[len(rows), D]``, accumulation dtype."""
+    def owned_row_grads(self, rows: list[int]) -> list[Tensor]:
+        """The averaged gradient of each owned row in ``rows`` (local row indices): views where possible."""
         if self.kind == _COO:
-            out = torch.zeros(rows.numel(), self.D, dtype=self.acc_dtype, device=self.device)
+            out = torch.zeros(len(rows), self.D, dtype=self.acc_dtype, device=self.device)
             pos = torch.full((self.rows_hi - self.rows_lo,), -1, dtype=torch.long, device=self.device)
-            pos[rows] = torch.arange(rows.numel(), device=self.device)
+            pos[torch.tensor(rows, dtype=torch.long, device=self.device)] = torch.arange(len(rows), device=self.device)
             for r, v in zip(self.coo_rows, self.coo_vals):
                 at = pos[r]
                 ok = at >= 0
                 out.index_add_(0, at[ok], v[ok])
-            return out
+            return list(out)
         if self.direct:
             g = self.direct_grads[0]
-            if g is None:
-                return torch.zeros(rows.numel(), self.D, dtype=self.acc_dtype, device=self.device)
-            return g.view(self.R, self.D)[rows].to(self.acc_dtype)
-        if self.shard_grad is None:
-            return torch.zeros(rows.numel(), self.D, dtype=self.acc_dtype, device=self.device)
-        return self.shard_grad.view(-1, self.D)[rows]
+        else:
+            g = self.shard_grad
+        if g is None:
+            zero = torch.zeros(self.D, dtype=self.acc_dtype, device=self.device)
+            return [zero] * len(rows)
+        view = g.view(-1, self.D)
+        return [view[r] for r in rows]
 
     def reduced_grads(self) -> list[Tensor]:
         if self.kind == _COO:
@@ -392,37 +400,28 @@ class SparseAdamW(ShardedAdamW):
         D = bucket.D
         target = bucket.shard_view(bucket.master, 0) if bucket.master is not None else bucket.owned_param_view(0)
         theta = target.view(-1, D)
-        g = bucket.owned_row_grads(rows)
-        if grad_scale is not None:
-            g = g / grad_scale
-        th = theta[rows].to(torch.float32 if theta.dtype in (torch.float16, torch.bfloat16) else theta.dtype)
         m = bucket.shard_view(bucket.exp_avg, 0).view(-1, D)
         v = bucket.shard_view(bucket.exp_avg_sq, 0).view(-1, D)
-        mr, vr = m[rows].to(th.dtype), v[rows].to(th.dtype)
-        g = g.to(th.dtype)
-        lr, wd, decay = float(group["lr"]), group["weight_decay"], group["decay"]
-        beta1, beta2 = group["betas"]
-        steps = st["step"][rows] + 1
+        idx = rows.tolist()
+        g = bucket.owned_row_grads(idx)
+        if g and g[0].dtype != theta.dtype:
+            g = [x.to(theta.dtype) for x in g]
         L_before = self._log_decay_before.get(id(group), group["log_decay"])
-        if wd and decay != "l2":
-            w = F.effective_weight_decay(decay, wd, _lr_max(group))
-            if self.catchup_decay:  # the decoupled decay missed while idle: exp(L_{t-1} - mark)
-                th.mul_(torch.exp(L_before - st["decay_mark"][rows]).to(th.dtype).unsqueeze(1))
-            th.mul_(1 - lr * w)
-        elif wd:  # l2
-            g = g.add(th, alpha=wd)
-        mr.lerp_(g, 1 - beta1)
-        vr.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        # per-row bias corrections, in float64 like torch's Python-scalar arithmetic, then to the compute dtype
-        t64 = steps.to(torch.float64)
-        step_size = (lr / (1 - beta1 ** t64)).to(th.dtype).unsqueeze(1)
-        bc2_sqrt = ((1 - beta2 ** t64) ** 0.5).to(th.dtype).unsqueeze(1)
-        denom = (vr.sqrt() / bc2_sqrt).add_(group["eps"])
-        th.sub_(mr / denom * step_size)
-        theta.index_copy_(0, rows, th.to(theta.dtype))
-        m.index_copy_(0, rows, mr.to(m.dtype))
-        v.index_copy_(0, rows, vr.to(v.dtype))
-        st["step"].index_copy_(0, rows, steps)
+        wd, decay = group["weight_decay"], group["decay"]
+        if wd and decay != "l2" and self.catchup_decay:
+            # the decoupled decay each returning slice missed while idle: exp(L_{t-1} - mark)
+            factor = torch.exp(L_before - st["decay_mark"][rows])
+            for k, r in enumerate(idx):
+                f = float(factor[k])
+                if f != 1.0:
+                    theta[r].mul_(f)
+        # the update itself: the same kernel as ShardedAdamW's, one tensor per touched slice (views: in place),
+        # each with its own step count for the bias correction
+        steps = [st["step"][r] for r in idx]
+        beta1, beta2 = group["betas"]
+        F.adamw([theta[r] for r in idx], g, [m[r] for r in idx],
+                [v[r] for r in idx], steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=wd, decay=decay, lr_max=_lr_max(group), grad_scale=grad_scale, impl=self.impl)
         st["decay_mark"].index_fill_(0, rows, L_before + self._log_factor(group) if decay != "l2" else 0.0)
 
     def apply_pending_decay(self) -> None:
