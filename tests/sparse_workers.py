@@ -359,3 +359,30 @@ def coo_memory(rank, world):
         opt.zero_grad()
     assert_ranks_identical([emb.weight])
     return opt.engine.peak_grad_bytes, emb.weight.numel() * 4
+
+
+def sparse_checkpoint(rank, world, root, mode, steps=5):
+    """mode 'save': train `steps`, checkpoint, continue 3 steps (reference). mode 'load': load, continue 3 steps."""
+    import os
+
+    from zeroadamw import checkpoint as ck
+
+    torch.manual_seed(0)
+    model = TinyMoE()
+    opt = SparseAdamW(groups(model, 0.1), lr=1e-2, bucket_size=40)
+    path = os.path.join(root, "ckpt")
+    if mode == "save":
+        for step in range(steps):
+            loss_of(model, batch(step, rank)).backward()
+            opt.step()
+            opt.zero_grad()
+        ck.save(path, model=model, optimizer=opt)
+    else:
+        ck.load(path, model=model, optimizer=opt)
+    at_load = opt.state_dict()
+    for step in range(steps, steps + 3):
+        loss_of(model, batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"state": at_load, "params": [p.detach().clone() for p in model.parameters()],
+            "log_decay": [g["log_decay"] for g in opt.param_groups]}

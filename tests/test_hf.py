@@ -136,3 +136,25 @@ def test_trl_sft_trainer_with_the_mixin(tmp_path):
     assert opt is not None and opt.max_grad_norm == 1.0
     norms = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]
     assert len(norms) == 3 and norms[-1] == pytest.approx(opt.grad_norm)
+
+
+def test_trainer_gives_moe_models_sparse_adamw(tmp_path):
+    """A Mixtral under ZeroTrainer: SparseAdamW with the expert / embedding row groups, and it trains."""
+    from transformers import MixtralConfig, MixtralForCausalLM, TrainingArguments
+
+    from zeroadamw import SparseAdamW
+    from zeroadamw.integrations.accelerate import find_sharded_optimizer
+    from zeroadamw.integrations.hf import ZeroTrainer
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                             num_experts_per_tok=2, max_position_embeddings=32))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                             use_cpu=True, logging_steps=1, save_strategy="no", disable_tqdm=True)
+    trainer = ZeroTrainer(model=model, args=args, train_dataset=hf_workers.TokenDataset(16), zeroadamw={})
+    trainer.train()
+    opt = find_sharded_optimizer(trainer.optimizer)
+    assert isinstance(opt, SparseAdamW)
+    assert trainer.zeroadamw_group_names["experts_rows"][0] == "model.layers.0.mlp.experts.gate_up_proj"
+    assert len([h for h in trainer.state.log_history if "grad_norm" in h]) == 3

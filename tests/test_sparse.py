@@ -135,3 +135,20 @@ def test_process_group_without_this_rank_is_refused():
 def test_coo_gradients_never_materialise_a_dense_gradient(world_size):
     for peak, dense in run(sparse_workers.coo_memory, world_size, timeout=120):
         assert peak < dense / 50, (peak, dense)  # 8 rows of 4096 (x N ranks gathered): far below the table
+
+
+@pytest.mark.dist
+def test_sparse_state_checkpoints_and_reshards(tmp_path):
+    """Per-row step counts, decay marks and the groups' cumulative log-decay survive zeroadamw.checkpoint, at the
+    same and at another world size (row-sharded state is resharded by rows)."""
+    saved = run(sparse_workers.sparse_checkpoint, 2, str(tmp_path), "save", timeout=300)[0]
+    same = run(sparse_workers.sparse_checkpoint, 2, str(tmp_path), "load", timeout=300)[0]
+    other = run(sparse_workers.sparse_checkpoint, 1, str(tmp_path), "load", timeout=300)[0]
+    for res in (same, other):
+        assert set(res["state"]["state"]) == set(saved["state"]["state"])
+        for k, st in saved["state"]["state"].items():
+            for name, t in st.items():
+                assert torch.equal(res["state"]["state"][k][name], t), (k, name)
+        assert res["state"]["param_groups"] == saved["state"]["param_groups"]
+    for a, b in zip(same["params"], saved["params"]):
+        assert torch.equal(a, b)  # same N: the continuation is bit-exact

@@ -15,6 +15,9 @@ What the mixin does:
   weights get ``weight_decay=0``, as ``Trainer.create_optimizer`` does) and TrainingArguments' ``learning_rate``,
   ``adam_beta1/2``, ``adam_epsilon``, ``weight_decay``; ``zeroadamw={...}`` adds ShardedAdamW arguments (stage,
   step_in_backward, rule, decay, bucket_size, ...). ``optimizer_cls_and_kwargs=(ShardedAdamW, {...})`` works too.
+  **MoE models** (params named ``*.experts.*``, e.g. Mixtral, Qwen-MoE) get a :class:`~zeroadamw.SparseAdamW` with
+  :func:`~zeroadamw.moe_param_groups` (experts and embeddings row-sparse: idle experts take no ghost updates);
+  ``zeroadamw={"moe": False}`` keeps the dense optimizer, ``"expert_process_group": g`` shards experts over ``g``.
 * **no double reduction**: with several processes Trainer would wrap the model in DDP, which all-reduces full
   gradients again and writes them back into ``param.grad``; the mixin prepares the model without DDP (ShardedAdamW
   reduces itself) -- stage 2 stays stage 2 (counted by the optimizer's ``comm_counters()``).
@@ -89,7 +92,17 @@ class ZeroTrainerMixin:
                 max_grad_norm=args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None,
             )
             kwargs.update(self.zeroadamw_kwargs)
-            self.optimizer = ShardedAdamW(trainer_param_groups(self, opt_model, args.weight_decay), **kwargs)
+            moe = kwargs.pop("moe", "auto")
+            has_experts = any(".experts." in n and p.requires_grad for n, p in opt_model.named_parameters())
+            if moe is True or (moe == "auto" and has_experts and not kwargs.get("step_in_backward")):
+                # MoE: idle experts must not take ghost updates -> SparseAdamW with per-expert (row) groups
+                from ..sparse_adamw import SparseAdamW, moe_param_groups
+
+                groups, self.zeroadamw_group_names = moe_param_groups(
+                    opt_model, weight_decay=args.weight_decay, expert_process_group=kwargs.pop("expert_process_group", None))
+                self.optimizer = SparseAdamW(groups, **kwargs)
+            else:
+                self.optimizer = ShardedAdamW(trainer_param_groups(self, opt_model, args.weight_decay), **kwargs)
         else:
             super().create_optimizer(model)
         opt = find_sharded_optimizer(self.optimizer)
