@@ -15,13 +15,15 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .schedules import WdScheduleMixin
 from .sharded_adamw import _lr_max, _validate_hyper
 
 __all__ = ["AdamW"]
 
 
-class AdamW(torch.optim.Optimizer):
-    """Plain AdamW with ``decay`` in {"decoupled", "independent", "l2"} (see :class:`zeroadamw.ShardedAdamW`)."""
+class AdamW(WdScheduleMixin, torch.optim.Optimizer):
+    """Plain AdamW with ``decay`` in {"decoupled", "independent", "l2"} (see :class:`zeroadamw.ShardedAdamW`), with the same
+    optional ``wd_schedule`` / ``wd_schedule_steps``."""
 
     def __init__(
         self,
@@ -33,7 +35,10 @@ class AdamW(torch.optim.Optimizer):
         *,
         decay: str = "decoupled",
         impl: str = "auto",
+        wd_schedule=None,
+        wd_schedule_steps: int | None = None,
     ) -> None:
+        self._wd_default = (wd_schedule, wd_schedule_steps)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=decay)
         _validate_hyper(defaults)
         if impl not in ("auto", *F.KERNELS):
@@ -42,12 +47,15 @@ class AdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = dict(param_group)
+        wd_fn = self._wd_take(param_group, *self._wd_default)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
         _validate_hyper(group, f" (param group {len(self.param_groups) - 1})")
         group.setdefault("initial_lr", group["lr"])
+        self._wd_register(group, wd_fn)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -55,6 +63,7 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._record_step_hparams()
         for group in self.param_groups:
             by_kind: dict[tuple, tuple[list, ...]] = {}
             for p in group["params"]:
@@ -75,4 +84,5 @@ class AdamW(torch.optim.Optimizer):
                 F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                         eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
                         lr_max=_lr_max(group), impl=self.impl)
+        self._advance_wd_schedule()
         return loss

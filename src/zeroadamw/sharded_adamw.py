@@ -48,6 +48,7 @@ from . import functional as F
 from .comm import Comm
 from .engine import Bucket, GradEngine
 from .layout import plan_buckets
+from .schedules import WdSchedule, WdScheduleMixin
 
 __all__ = ["ShardedAdamW", "DEFAULT_BUCKET_SIZE"]
 
@@ -146,7 +147,7 @@ def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
     return sum(parts).cpu()
 
 
-class ShardedAdamW(torch.optim.Optimizer):
+class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
     r"""AdamW whose state (stage 1) and gradients (stage 2) are sharded across data-parallel ranks.
 
     Args:
@@ -184,9 +185,14 @@ class ShardedAdamW(torch.optim.Optimizer):
         rule: ``"adamw"`` (default), ``"lomo"`` (SGD, as in LOMO) or ``"adalomo"`` (factored second moment with
             grouped update normalisation, as in AdaLomo); with or without ``step_in_backward``.
         adalomo_eps, clip_threshold, decay_rate: AdaLomo's hyperparameters (the paper's defaults).
+        wd_schedule: a weight-decay schedule applied per group on top of the lr schedule: ``"constant"``,
+            ``"linear"``, ``"cosine"`` (over ``wd_schedule_steps`` taken steps) or a callable ``step -> multiplier``;
+            ``None`` (default) = none. A group dict may set its own ``wd_schedule`` / ``wd_schedule_steps``.
+            The group's ``weight_decay`` is then :math:`\lambda\,m(t)`; see :mod:`zeroadamw.schedules`.
+        wd_schedule_steps: ``T`` of the named schedules.
 
-    After ``step()``: :attr:`grad_norm` (float, before clipping; after loss-scale unscaling) and
-    :attr:`last_step_skipped` (``True`` when a non-finite gradient anywhere skipped the step on every rank).
+    After ``step()``: :attr:`grad_norm` (float, before clipping; after loss-scale unscaling),
+    :attr:`group_grad_norms` (the same, per param group) and :attr:`last_step_skipped` (``True`` when a non-finite gradient anywhere skipped the step on every rank).
 
     Contract with the training loop: every rank runs the same number of backward passes between steps, and
     ``step()``, ``state_dict()`` and ``load_state_dict()`` are called on every rank (they are collectives).
@@ -218,7 +224,10 @@ class ShardedAdamW(torch.optim.Optimizer):
         adalomo_eps: tuple[float, float] = (1e-30, 1e-3),
         clip_threshold: float = 1.0,
         decay_rate: float = -0.8,
+        wd_schedule: WdSchedule = None,
+        wd_schedule_steps: int | None = None,
     ) -> None:
+        self._wd_default = (wd_schedule, wd_schedule_steps)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, decay=decay)
         if rule not in RULES:
@@ -271,6 +280,8 @@ class ShardedAdamW(torch.optim.Optimizer):
         self.skipped_buckets = 0
         self._bucket_skipped = False
         self._applied_sumsq = torch.zeros((), dtype=torch.float64)
+        self._applied_group_sq: dict[int, float] = {}
+        self.group_grad_norms: list[float] = []
         self.grad_norm: float | None = None
         self.last_step_skipped = False
         self.skipped_steps = 0
@@ -350,7 +361,9 @@ class ShardedAdamW(torch.optim.Optimizer):
         _validate_hyper(param_group, f" (param group {len(self.param_groups)})")
         lr0 = param_group["lr"]
         param_group.setdefault("initial_lr", lr0.clone() if isinstance(lr0, Tensor) else lr0)
+        wd_fn = self._wd_take(param_group, *self._wd_default)
         super().add_param_group(param_group)
+        self._wd_register(self.param_groups[-1], wd_fn)
         self._seen.update(params)
         self._build_buckets(len(self.param_groups) - 1)
 
@@ -493,8 +506,10 @@ class ShardedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._record_step_hparams()
         if self._check_plain():
             self._plain_step()
+            self._advance_wd_schedule()
             return loss
         self._relocate_if_needed()
         engine = self.engine
@@ -512,22 +527,24 @@ class ShardedAdamW(torch.optim.Optimizer):
                 "scale is known; with fp16 + GradScaler use step_in_backward=True with max_grad_norm=... (the "
                 "update then waits for step()), or bf16 without a scaler")))
         errors = local_errors + engine.errors
-        sumsq, presence = self._local_stats()
-        sumsq = sumsq + self._applied_sumsq
+        group_sq, presence = self._local_stats()
+        group_sq = group_sq + self._applied_sumsq_groups(len(group_sq))
+        sumsq = group_sq.sum()
         flushed = engine.flushed_flags()
-        # one small all-reduce: [sum of squared shard grads, error flag, presence per param, flushed per bucket]
+        # one small all-reduce: [Σ shard grad², error flag, presence per param, flushed per bucket, Σ grad² per group]
         stats = torch.cat([sumsq.reshape(1), torch.tensor([float(bool(errors))], dtype=torch.float64), presence,
-                           torch.tensor(flushed, dtype=torch.float64)])
+                           torch.tensor(flushed, dtype=torch.float64), group_sq])
         if self.comm.world_size > 1:
             stats = stats.to(self._collective_device())
             self.comm.all_reduce(stats, label="control")
         stats = stats.cpu()
         if stats[1].item() > 0:
             self._raise_agreed(errors)
-        n_present = presence.numel()
+        n_present, n_flushed, n_groups = presence.numel(), len(flushed), len(group_sq)
         total_sq = stats[0].item()
         present = self._agree_presence((stats[2 : 2 + n_present] > 0).tolist())
-        engine.demote((stats[2 + n_present :] > 0).tolist())
+        engine.demote((stats[2 + n_present : 2 + n_present + n_flushed] > 0).tolist())
+        group_totals = stats[2 + n_present + n_flushed :].tolist()
         norm = math.sqrt(total_sq) if math.isfinite(total_sq) else float("nan")
         if scale is not None:
             norm /= scale
@@ -535,9 +552,11 @@ class ShardedAdamW(torch.optim.Optimizer):
             norm = float("nan")  # part of this step's gradient was not finite (those buckets were skipped)
         self.grad_norm = norm
         self.grad_norm_tensor.fill_(norm)
+        self.group_grad_norms = [math.sqrt(t) / (scale or 1.0) if math.isfinite(t) else float("nan") for t in group_totals]
         finite = math.isfinite(norm)
         self._bucket_skipped = False
         self._applied_sumsq = torch.zeros((), dtype=torch.float64)
+        self._applied_group_sq = {}
         if grad_scaler is not None and grad_scaler.is_enabled():
             self._report_found_inf(grad_scaler, not finite)
         self.last_step_skipped = not finite
@@ -566,6 +585,7 @@ class ShardedAdamW(torch.optim.Optimizer):
         if pending is not None:
             pending.wait()
         engine.clear()
+        self._advance_wd_schedule()
         return loss
 
     def _apply_in_backward(self, bucket: Bucket):
@@ -579,6 +599,8 @@ class ShardedAdamW(torch.optim.Optimizer):
             flags[-1] = 0.0 if math.isfinite(sq.item()) else 1.0
             if math.isfinite(sq.item()):
                 self._applied_sumsq += sq
+                gi = bucket.group_index
+                self._applied_group_sq[gi] = self._applied_group_sq.get(gi, 0.0) + float(sq)
         if bucket.comm.world_size > 1:
             flags = flags.to(self._collective_device())
             bucket.comm.all_reduce(flags, label="control")
@@ -647,6 +669,10 @@ class ShardedAdamW(torch.optim.Optimizer):
                 F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                         eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
                         lr_max=_lr_max(group), impl=self.impl)
+
+    def _applied_sumsq_groups(self, n: int) -> Tensor:
+        """Per-group Σ grad² of the buckets already applied in backward (fused step in backward)."""
+        return torch.tensor([self._applied_group_sq.get(i, 0.0) for i in range(n)], dtype=torch.float64)
 
     def _agree_presence(self, present: list[bool]) -> list[bool]:
         """Hook for optimizers with buckets over other process groups (SparseAdamW's expert groups)."""
@@ -737,18 +763,20 @@ class ShardedAdamW(torch.optim.Optimizer):
         state["found_inf_per_device"] = {dev: torch.full((), float(found), dtype=torch.float32, device=dev)}
 
     def _local_stats(self) -> tuple[Tensor, Tensor]:
-        """This rank's share of the squared gradient norm, and a 0/1 flag per bucketed param: got a gradient."""
+        """This rank's share of the squared gradient norm of each param group, and a 0/1 flag per bucketed param:
+        got a gradient. (The first return value has one entry per group.)"""
         engine = self.engine
-        tensors: list[Tensor] = []
+        per_group: list[list[Tensor]] = [[] for _ in self.param_groups]
         flags: list[bool] = []
         for bucket in engine.buckets:
             flags.extend(bucket.present)
             if engine.sharded(bucket):
-                tensors.extend(bucket.reduced_grads())
+                per_group[bucket.group_index].extend(bucket.reduced_grads())
             else:
                 idx = [i for i, s in enumerate(bucket.layout.slots) if bucket.present[i] and s.owned]
-                tensors.extend(engine.grad_views(bucket, idx))
-        return _sum_of_squares(tensors), torch.tensor(flags, dtype=torch.float64)
+                per_group[bucket.group_index].extend(engine.grad_views(bucket, idx))
+        sums = torch.stack([_sum_of_squares(t) for t in per_group]) if per_group else torch.zeros(0, dtype=torch.float64)
+        return sums, torch.tensor(flags, dtype=torch.float64)
 
     def _update_bucket(self, bucket: Bucket, present: list[bool], grad_scale: float | None) -> None:
         group = self.param_groups[bucket.group_index]
