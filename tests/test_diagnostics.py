@@ -1,0 +1,139 @@
+"""zeroadamw.diagnostics: every reported number equals the same quantity computed the unsharded way with torch
+(full params, the rank-averaged gradient recomputed from all ranks' batches) on 1 process and on N = 2, 3 real
+gloo ranks; the JSONL / TensorBoard logger, the HF Trainer callback, and ``zeroadamw plot``."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import diag_workers
+from distributed import run
+from zeroadamw import ShardedAdamW
+from zeroadamw.diagnostics import Diagnostics, DiagnosticsLogger, attach
+
+REL = 1e-6  # float64 sums of fp32 values: rounding only
+
+
+def check(results):
+    for step, r in enumerate(results):
+        got, want = r["got"], r["want"]
+        for k, v in want.items():
+            assert k in got, (step, k, sorted(got))
+            assert got[k] == pytest.approx(v, rel=REL, abs=1e-12), (step, k, got[k], v)
+        assert got["diag/skipped"] == 0.0
+
+
+@pytest.mark.parametrize("cfg", [{"opt": "sharded", "stage": 1}, {"opt": "sharded", "stage": 2},
+                                 {"opt": "sharded", "stage": 2, "decay": "independent"}, {"opt": "sparse"},
+                                 {"opt": "torch"}])
+def test_one_process_equals_torch(cfg):
+    check(diag_workers.diag_vs_unsharded(0, 1, cfg))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("cfg", [{"opt": "sharded", "stage": 1}, {"opt": "sharded", "stage": 2}, {"opt": "sparse"}])
+def test_sharded_equals_unsharded(world_size, cfg):
+    results = run(diag_workers.diag_vs_unsharded, world_size, cfg)
+    for res in results:
+        check(res)
+    for res in results[1:]:  # and every rank reports the same numbers
+        for a, b in zip(res, results[0]):
+            assert a["got"] == b["got"]
+
+
+def test_logger_every_k_keeps_one_step_updates_and_writes_jsonl_and_tensorboard(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    opt = ShardedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, stage=2)
+    log = DiagnosticsLogger(opt, tmp_path / "d.jsonl", every=3, tensorboard_dir=str(tmp_path / "tb"))
+    prev = None
+    for step in range(7):
+        if step % 3 == 0:
+            prev = [p.detach().clone() for p in model.parameters()]
+        elif (step + 1) % 3 == 0 or step == 0:
+            pass
+        if step % 3 == 0:
+            pass
+        before = [p.detach().clone() for p in model.parameters()]
+        loss = model(torch.randn(4, 6)).square().mean()
+        loss.backward()
+        opt.step()
+        rec = log.log(step, loss=loss.item())
+        opt.zero_grad()
+        if step % 3 == 0:
+            un = math.sqrt(sum((p.detach() - b).double().square().sum().item()
+                               for p, b in zip(model.parameters(), before)))
+            if step > 0:  # the snapshot was taken one step before, so this is one step's update
+                assert rec["diag/group0/update_norm"] == pytest.approx(un, rel=1e-6)
+            else:
+                assert "diag/group0/update_norm" not in rec  # nothing to compare with yet
+        else:
+            assert rec is None
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [0, 3, 6] and all("loss" in x for x in lines)
+    events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    pn = [e.value for e in acc.Scalars("diag/group0/param_norm")]
+    assert pn == pytest.approx([x["diag/group0/param_norm"] for x in lines], rel=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        Diagnostics(object())
+    opt = ShardedAdamW([torch.nn.Parameter(torch.randn(3))], stage=2)
+    with pytest.raises(ValueError, match="every"):
+        DiagnosticsLogger(opt, every=0)
+
+
+def test_hf_trainer_callback_puts_diagnostics_in_the_logs(tmp_path):
+    import hf_workers
+
+    trainer = hf_workers.make_trainer(str(tmp_path / "z"), 1, 4, {"stage": 2}, max_steps=3)
+    cb = attach(trainer)
+    assert trainer.callback_handler.callbacks[0] is cb
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3
+    for h in logged:
+        assert h["diag/grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-6)  # Trainer's own pre-clip norm
+        assert any(k.endswith("/param_norm") for k in h) and h["diag/skipped"] == 0.0
+    # the last entry: the param norm of the trained model, over the groups
+    last = logged[-1]
+    total_sq = sum(v * v for k, v in last.items() if k.endswith("/param_norm"))
+    want = sum(p.detach().double().square().sum().item() for p in trainer.model.parameters() if p.requires_grad)
+    assert total_sq == pytest.approx(want, rel=1e-6)
+    assert all(last[k] > 0 for k in last if k.endswith("/update_ratio"))
+    for h in logged:  # the lr the step used (Trainer logs the same), not the one the scheduler moved on to
+        assert h["diag/group0/lr"] == pytest.approx(h["learning_rate"], rel=1e-9, abs=1e-15)
+    assert [h["diag/group0/lr"] for h in logged] == pytest.approx([0.0, 1.5e-3, 3e-3])
+
+
+def test_plot_writes_a_png_from_jsonl_and_trainer_state(tmp_path):
+    from zeroadamw.cli import main
+
+    recs = [{"step": s, "loss": 3.0 / (s + 1), "diag/grad_norm": 1.0 / (s + 1), "diag/g0/param_norm": 10 + s,
+             "diag/g0/grad_norm": 0.5, "diag/g0/grad_norm_clipped": 0.4, "diag/g0/update_ratio": 1e-3,
+             "diag/g0/effective_decay": 1e-4, "diag/g0/lr": 1e-3} for s in range(5)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["plot", str(tmp_path / "d.jsonl"), "-o", str(tmp_path / "d.png")]) == 0
+    png = (tmp_path / "d.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    from PIL import Image
+
+    with Image.open(tmp_path / "d.png") as im:
+        im.verify()
+    (tmp_path / "trainer_state.json").write_text(json.dumps({"log_history": recs, "global_step": 5}))
+    assert main(["plot", str(tmp_path / "trainer_state.json")]) == 0
+    assert (tmp_path / "trainer_state.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.jsonl").write_text("not json\n")
+    assert main(["plot", str(tmp_path / "bad.jsonl")]) == 2
