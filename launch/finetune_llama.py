@@ -62,6 +62,11 @@ class ZeroArguments:
     lora_alpha: int = field(default=32)
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj")
     qlora: bool = field(default=False, metadata={"help": "4-bit base model (bitsandbytes, CUDA) + LoRA adapters"})
+    wd_schedule: str = field(default="none", metadata={"help": "weight-decay schedule on top of the lr schedule: "
+                                                              "none | linear | cosine (over max_steps)"})
+    diagnostics: bool = field(default=True, metadata={"help": "log per-group param/grad norms, update/weight ratio "
+                                                             "and effective decay (zeroadamw.diagnostics); "
+                                                             "plotted to OUTPUT_DIR/diagnostics.png"})
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -236,13 +241,23 @@ def main(argv: list[str] | None = None) -> dict:
     split = int(len(ids) * (1 - dargs.validation_fraction))
     train, val = Blocks(ids[:split], dargs.block_size), Blocks(ids[split:], dargs.block_size)
     common = dict(model=model, args=targs, train_dataset=train, eval_dataset=val if len(val) else None)
+    if zargs.wd_schedule not in ("none", "linear", "cosine"):
+        raise ValueError(f"--wd_schedule must be none, linear or cosine, got {zargs.wd_schedule!r}")
     if zargs.optimizer == "zeroadamw":
-        trainer = ZeroTrainer(zeroadamw=dict(stage=zargs.stage, step_in_backward=zargs.step_in_backward,
-                                             rule=zargs.rule, decay=zargs.decay, bucket_size=zargs.bucket_size),
-                              **common)
+        kw = dict(stage=zargs.stage, step_in_backward=zargs.step_in_backward, rule=zargs.rule, decay=zargs.decay,
+                  bucket_size=zargs.bucket_size)
+        if zargs.wd_schedule != "none":
+            if targs.max_steps <= 0:
+                raise ValueError("--wd_schedule needs --max_steps (the steps over which the decay goes to zero)")
+            kw.update(wd_schedule=zargs.wd_schedule, wd_schedule_steps=targs.max_steps)
+        trainer = ZeroTrainer(zeroadamw=kw, **common)
     else:
         targs.optim = zargs.optimizer
         trainer = Trainer(**common)
+    if zargs.diagnostics:
+        from zeroadamw.diagnostics import attach
+
+        attach(trainer)
     from zeroadamw.memory import reset_peak_memory
 
     reset_peak_memory(targs.device)
@@ -255,6 +270,15 @@ def main(argv: list[str] | None = None) -> dict:
         print_report(rows, zargs.optimizer)
         os.makedirs(targs.output_dir, exist_ok=True)
         plot_losses(trainer.state.log_history, os.path.join(targs.output_dir, "loss.png"))
+        if zargs.diagnostics:
+            from zeroadamw.plot import plot
+
+            with open(os.path.join(targs.output_dir, "log_history.jsonl"), "w") as f:
+                for rec in trainer.state.log_history:
+                    if "step" in rec:
+                        f.write(json.dumps(rec) + "\n")
+            plot([r for r in trainer.state.log_history if "diag/grad_norm" in r],
+                 os.path.join(targs.output_dir, "diagnostics.png"), title="zeroadamw diagnostics")
         with open(os.path.join(targs.output_dir, "memory.json"), "w") as f:
             json.dump(rows, f, indent=1)
     return {"train_loss": result.training_loss, **metrics, "memory": rows}
