@@ -34,6 +34,9 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not dist and not slow"
 
 bench: setup
+	$(BIN)/python -m pip install -q "bitsandbytes>=0.43"
+	$(BIN)/python benchmarks/kernel_bandwidth.py
+	$(BIN)/python benchmarks/compare.py
 	$(BIN)/python benchmarks/step_throughput.py
 	$(BIN)/python benchmarks/memory.py
 
