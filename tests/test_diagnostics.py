@@ -114,8 +114,9 @@ def test_hf_trainer_callback_puts_diagnostics_in_the_logs(tmp_path):
     assert total_sq == pytest.approx(want, rel=1e-6)
     assert all(last[k] > 0 for k in last if k.endswith("/update_ratio"))
     for h in logged:  # the lr the step used (Trainer logs the same), not the one the scheduler moved on to
-        assert h["diag/group0/lr"] == pytest.approx(h["learning_rate"], rel=1e-9, abs=1e-15)
-    assert [h["diag/group0/lr"] for h in logged] == pytest.approx([0.0, 1.5e-3, 3e-3])
+        assert h["diag/decay/lr"] == pytest.approx(h["learning_rate"], rel=1e-9, abs=1e-15)
+        assert h["diag/no_decay/weight_decay"] == 0.0 and h["diag/decay/weight_decay"] == 0.1
+    assert [h["diag/no_decay/lr"] for h in logged] == pytest.approx([0.0, 1.5e-3, 3e-3])
 
 
 def test_plot_writes_a_png_from_jsonl_and_trainer_state(tmp_path):

@@ -36,12 +36,12 @@ def test_accelerate_launch_finetune_two_cpu_processes(tmp_path):
     # weight-decay schedule over max_steps = 4 (step s used lambda * m(s - 1))
     assert (tmp_path / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     logs = [json.loads(x) for x in (tmp_path / "log_history.jsonl").read_text().splitlines()]
-    diag = [h for h in logs if "diag/group0/weight_decay" in h]
+    diag = [h for h in logs if "diag/decay/weight_decay" in h]
     assert [h["step"] for h in diag] == [1, 2, 3, 4]
     for h in diag:
         want = 0.1 * 0.5 * (1 + math.cos(math.pi * (h["step"] - 1) / 4))
-        assert abs(h["diag/group0/weight_decay"] - want) <= 1e-12, h
-        assert h["diag/group0/param_norm"] > 0 and h["diag/grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-5)
+        assert abs(h["diag/decay/weight_decay"] - want) <= 1e-12, h
+        assert h["diag/decay/param_norm"] > 0 and h["diag/grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-5)
 
 
 def test_lora_model_with_nothing_trainable_is_refused():

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import functional as F
 from .schedules import WdScheduleMixin
-from .sharded_adamw import _lr_max, _validate_hyper
+from .sharded_adamw import _validate_hyper, plain_adamw_step
 
 __all__ = ["AdamW"]
 
@@ -64,25 +64,6 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._record_step_hparams()
-        for group in self.param_groups:
-            by_kind: dict[tuple, tuple[list, ...]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise TypeError("zeroadamw.AdamW does not take sparse gradients")
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                lists = by_kind.setdefault((p.device, p.dtype), ([], [], [], [], []))
-                for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
-                    lst.append(t)
-            beta1, beta2 = group["betas"]
-            for params, grads, m, v, steps in by_kind.values():
-                F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                        eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
-                        lr_max=_lr_max(group), impl=self.impl)
+        plain_adamw_step(self.param_groups, self.state, self.impl, "zeroadamw.AdamW")
         self._advance_wd_schedule()
         return loss

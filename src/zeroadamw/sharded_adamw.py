@@ -147,6 +147,31 @@ def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
     return sum(parts).cpu()
 
 
+def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str) -> None:
+    """One unsharded AdamW step over ``param_groups`` with torch-style per-param ``state`` (lazily created): what
+    :class:`zeroadamw.AdamW` does, and ShardedAdamW when another system partitions (DeepSpeed's client)."""
+    for group in param_groups:
+        by_kind: dict[tuple, tuple[list, ...]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError(f"{who} does not take sparse gradients (use SparseAdamW for nn.Embedding(sparse=True))")
+            st = state[p]
+            if not st:
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            lists = by_kind.setdefault((p.device, p.dtype), ([], [], [], [], []))
+            for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
+                lst.append(t)
+        beta1, beta2 = group["betas"]
+        for params, grads, m, v, steps in by_kind.values():
+            F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
+                    lr_max=_lr_max(group), impl=impl)
+
+
 class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
     r"""AdamW whose state (stage 1) and gradients (stage 2) are sharded across data-parallel ranks.
 
@@ -651,24 +676,7 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         return True
 
     def _plain_step(self) -> None:
-        for group in self.param_groups:
-            by_kind: dict[tuple, tuple[list, ...]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    st["exp_avg"] = torch.zeros_like(p)
-                    st["exp_avg_sq"] = torch.zeros_like(p)
-                lists = by_kind.setdefault((p.device, p.dtype), ([], [], [], [], []))
-                for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
-                    lst.append(t)
-            beta1, beta2 = group["betas"]
-            for params, grads, m, v, steps in by_kind.values():
-                F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                        eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
-                        lr_max=_lr_max(group), impl=self.impl)
+        plain_adamw_step(self.param_groups, self.state, self.impl, "ShardedAdamW as DeepSpeed's client optimizer")
 
     def _applied_sumsq_groups(self, n: int) -> Tensor:
         """Per-group Σ grad² of the buckets already applied in backward (fused step in backward)."""

@@ -50,13 +50,15 @@ SCHEDULER_NAME = "scheduler.pt"
 
 
 def trainer_param_groups(trainer: Trainer, model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Trainer's decay / no-decay split of the trainable params (empty groups dropped)."""
+    """Trainer's decay / no-decay split of the trainable params (empty groups dropped), named ``"decay"`` and
+    ``"no_decay"`` (the names label zeroadamw.diagnostics' logs)."""
     decay_names = set(trainer.get_decay_parameter_names(model))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if name in decay_names else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]
 
 
