@@ -138,3 +138,22 @@ def test_plot_writes_a_png_from_jsonl_and_trainer_state(tmp_path):
     assert (tmp_path / "trainer_state.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (tmp_path / "bad.jsonl").write_text("not json\n")
     assert main(["plot", str(tmp_path / "bad.jsonl")]) == 2
+
+
+def test_hf_trainer_with_torch_adamw_logs_norms_but_no_stale_grad_norms(tmp_path):
+    """With Trainer's own torch AdamW the gradients are gone (zero_grad) when callbacks run: the diagnostics log
+    param norms and updates, and leave the gradient norms out rather than logging zeros."""
+    import hf_workers
+
+    trainer = hf_workers.make_trainer(str(tmp_path / "t"), 1, 4, None, max_steps=2, plain=True)
+    attach(trainer)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2
+    for h in logged:
+        assert h["diag/group0/param_norm"] > 0 and "diag/group0/grad_norm" not in h
+        assert h["diag/group0/lr"] == pytest.approx(h["learning_rate"], rel=1e-9, abs=1e-15)
+    want = sum(p.detach().double().square().sum().item() for p in trainer.model.parameters() if p.requires_grad)
+    got = sum(v * v for k, v in logged[-1].items() if k.endswith("/param_norm"))
+    assert got == pytest.approx(want, rel=1e-6)
+    assert logged[-1]["diag/group0/update_ratio"] > 0

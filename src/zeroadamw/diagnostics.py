@@ -171,10 +171,10 @@ class Diagnostics:
             coef = F.clip_coefficient(float(total), opt.max_grad_norm)
         else:
             groups = []
-            for g in opt.param_groups:
-                sq = sum(p.grad.detach().double().square().sum().item() for p in g["params"]
-                         if p.grad is not None and not p.grad.is_sparse)
-                groups.append(math.sqrt(sq))
+            for g in opt.param_groups:  # after zero_grad(set_to_none=True) there is nothing to read: NaN, not 0
+                gs = [p.grad for p in g["params"] if p.grad is not None and not p.grad.is_sparse]
+                groups.append(math.sqrt(sum(x.detach().double().square().sum().item() for x in gs))
+                              if gs else float("nan"))
             total = math.sqrt(sum(x * x for x in groups))
             skipped = False
             coef = 1.0
@@ -272,7 +272,7 @@ class DiagnosticsCallback(_callback_base()):
     def __init__(self, track_update: bool = True) -> None:
         self.track_update = track_update
         self.diag: Diagnostics | None = None
-        self._pending: dict[str, float] | None = None
+        self._pending: tuple[int, dict[str, float]] | None = None
 
     def _diag(self, optimizer) -> Diagnostics:
         if self.diag is None or self.diag.opt is not _unwrap(optimizer):
@@ -288,19 +288,30 @@ class DiagnosticsCallback(_callback_base()):
         every = max(1, int(steps if steps >= 1 else math.ceil(steps * max(1, getattr(args, "max_steps", 1)))))
         return step % every == 0
 
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is None:
+            return
+        d = self._diag(optimizer)  # early: another optimizer's step hook must see the first step
+        if self._logs_at(args, state.global_step + 1):
+            d.snapshot()
+
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
             return
         d = self._diag(optimizer)
         if control.should_log or self._logs_at(args, state.global_step):
-            self._pending = d.collect()  # also snapshots
+            self._pending = (state.global_step, d.collect())  # collect also snapshots
         elif self._logs_at(args, state.global_step + 1):
             d.snapshot()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending is None or logs is None:
             return
-        vals = {k: v for k, v in self._pending.items() if math.isfinite(v)}
+        step, pending = self._pending
+        if step != state.global_step:  # collected for a step that did not log: stale now
+            self._pending = None
+            return
+        vals = {k: v for k, v in pending.items() if math.isfinite(v)}
         logs.update(vals)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(vals)
