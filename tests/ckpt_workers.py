@@ -111,3 +111,101 @@ def load_after_crash(rank, world, root):
     assert extra == {"step": 2}, f"loaded {extra}, expected the previous checkpoint"
     assert float(max(st["step"].item() for st in opt.state.values())) == 2
     return True
+
+
+def build_small():
+    """A small MLP under a stage-2 ShardedAdamW (no transformers import: these workers must start fast)."""
+    from helpers import MLP
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = ShardedAdamW(param_groups(model), stage=2, bucket_size=64)
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, 2)
+
+
+def train_small(model, opt, sched, steps, rank):
+    from helpers import mlp_batch
+
+    for step in steps:
+        model.loss(mlp_batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+
+def crc_per_rank(rank, world, root):
+    """Save with small files (several per rank) and record which files this rank computed a CRC-32 of."""
+    model, opt, sched = build_small()
+    train_small(model, opt, sched, range(1), rank)
+    seen = []
+    original = ck._crc32
+
+    def counting(path):
+        seen.append(os.path.basename(path))
+        return original(path)
+
+    ck._crc32 = counting
+    try:
+        ck.save(os.path.join(root, "c"), model=model, optimizer=opt, max_file_bytes=400)
+    finally:
+        ck._crc32 = original
+    return seen
+
+
+class _FailingJson:
+    """Stands in for the ``json`` module inside zeroadamw.checkpoint on one rank: writing the metadata fails."""
+
+    def __getattr__(self, name):
+        import json
+
+        return getattr(json, name)
+
+    def dump(self, *args, **kwargs):
+        raise OSError(28, "No space left on device (injected)")
+
+
+class _FailingSwapOs:
+    """Stands in for the ``os`` module inside zeroadamw.checkpoint on one rank: moving the new checkpoint into
+    place (the second rename of the swap, after the old one was moved aside) fails."""
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def rename(self, src, dst):
+        if ".tmp-" in os.path.basename(src):
+            raise OSError(13, "Permission denied (injected)")
+        return os.rename(src, dst)
+
+
+def failing_save(rank, world, root, where):
+    """A good checkpoint, then a save whose rank-0-only part fails (``where``: "meta" or "swap"). Returns what
+    this rank raised, and what it then loads from the path (the previous checkpoint, on every rank)."""
+    model, opt, sched = build_small()
+    train_small(model, opt, sched, range(2), rank)
+    path = os.path.join(root, "ckpt")
+    ck.save(path, model=model, optimizer=opt, scheduler=sched, extra={"step": 2})
+    train_small(model, opt, sched, range(2, 3), rank)
+    if rank == 0:
+        if where == "meta":
+            ck.json = _FailingJson()
+        else:
+            ck.os = _FailingSwapOs()
+    error = None
+    try:
+        ck.save(path, model=model, optimizer=opt, scheduler=sched, extra={"step": 3})
+    except ck.CheckpointError as e:
+        error = str(e)
+    finally:
+        import json
+
+        ck.json, ck.os = json, os
+    model2, opt2, sched2 = build_small()
+    extra = ck.load(path, model=model2, optimizer=opt2, scheduler=sched2)
+    steps = float(max(st["step"].max().item() for st in opt2.state.values()))
+    _barrier_all()
+    return {"error": error, "extra": extra, "steps": steps, "listing": sorted(os.listdir(root))}
+
+
+def _barrier_all():
+    if dist.is_initialized():
+        dist.barrier()

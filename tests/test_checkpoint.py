@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import ckpt_expert_workers
 import ckpt_workers
 from distributed import run
 from helpers import MLP, max_state_err, mlp_batch, param_groups, rel_err
@@ -336,3 +337,114 @@ def test_export_memory_is_bounded(tmp_path):
     print(res)
     assert res["growth"] < 8 * res["param"], res
     assert res["growth"] < res["state"] / 3, res
+
+
+# ------------------------------------------------------------------------- save: every rank's part, agreed errors
+@pytest.mark.dist
+def test_each_rank_crcs_only_its_own_files():
+    """No rank CRCs the others' files (rank 0 alone reading everything exceeds collective timeouts at scale)."""
+    with tempfile.TemporaryDirectory() as root:
+        seen = run(ckpt_workers.crc_per_rank, 3, root, timeout=120)
+        table = json.loads(open(os.path.join(root, "c", ck.META_FILE)).read())["files"]
+    for r, names in enumerate(seen):
+        own = [n for n in table if n.startswith(f"__{r}_")]
+        assert own, f"rank {r} wrote no files (test setup)"
+        extra = {".metadata"} if r == 0 else set()  # DCP's metadata is written by rank 0 (the coordinator)
+        assert sorted(names) == sorted(own + sorted(extra & set(table))), (r, names)
+    assert sorted(n for names in seen for n in names) == sorted(table), "every file CRC'd exactly once"
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("where", ["meta", "swap"])
+def test_a_failure_in_rank_zeros_part_of_save_raises_on_every_rank(where):
+    """Writing the metadata (or the atomic swap) fails on rank 0 only: every rank raises the same CheckpointError
+    (nobody hangs), and the previous checkpoint stays intact and loads on every rank."""
+    with tempfile.TemporaryDirectory() as root:
+        res = run(ckpt_workers.failing_save, 3, root, where, timeout=60)
+    errors = [r["error"] for r in res]
+    assert all(e is not None for e in errors), errors
+    assert len(set(errors)) == 1, errors
+    assert "rank 0" in errors[0] and "injected" in errors[0], errors[0]
+    for r in res:
+        assert r["extra"] == {"step": 2} and r["steps"] == 2, r
+        assert r["listing"] == ["ckpt"], r["listing"]  # no half-written debris left beside it
+
+
+# ------------------------------------------------------------------------------------- expert parallelism
+@pytest.fixture(scope="module")
+def expert_runs():
+    """Expert groups of 2 ranks at world 4 and of 1 rank at world 2 (2 expert groups each, different experts):
+    save at both, load each checkpoint at both, and export the world-4 one."""
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as root:
+        saved = {n: run(ckpt_expert_workers.save_then_continue, n, root, K, timeout=240) for n in (4, 2)}
+        loaded = {m: run(ckpt_expert_workers.load_and_continue, m, root, ["N4", "N2"], K, timeout=240)
+                  for m in (4, 2)}
+        refused = run(ckpt_expert_workers.load_refused, 2, root, "N4", 1, timeout=120)
+        out = ck.export_consolidated(os.path.join(root, "N4"), os.path.join(root, "out"))
+        exported = {"model": load_file(out["model"]), "optim": torch.load(out["optimizer"], weights_only=True)}
+        meta = json.loads(open(os.path.join(root, "N4", ck.META_FILE)).read())
+        yield saved, loaded, refused, exported, meta
+
+
+def _same_snapshot(a, b, what):
+    assert a["params"].keys() == b["params"].keys()
+    for n in a["params"]:
+        assert torch.equal(a["params"][n], b["params"][n]), (what, n)
+    assert_state_equal(a["optim"], b["optim"])
+    assert a["optim"]["param_groups"] == b["optim"]["param_groups"], what
+
+
+@pytest.mark.dist
+def test_expert_groups_keep_their_own_experts(expert_runs):
+    saved, loaded, _, _, meta = expert_runs
+    for n, ranks in saved.items():  # the setup: the two expert groups really hold different experts
+        by_k = {r["at_save"]["k"]: r["at_save"] for r in ranks}
+        assert not torch.equal(by_k[0]["params"]["experts.w"], by_k[1]["params"]["experts.w"])
+        assert not torch.equal(by_k[0]["optim"]["state"][4]["exp_avg"], by_k[1]["optim"]["state"][4]["exp_avg"])
+    for m, ranks in loaded.items():
+        for rank, per_source in enumerate(ranks):
+            for src, res in per_source.items():
+                n = int(src[1:])
+                k = res["loaded"]["k"]
+                ref = next(r for r in saved[n] if r["at_save"]["k"] == k)  # a rank of the same expert group
+                _same_snapshot(res["loaded"], ref["at_save"], (src, m, rank, "loaded"))
+                if m == n:  # resume at the same world: the next step is identical, rank by rank
+                    _same_snapshot(res["final"], saved[n][rank]["final"], (src, m, rank, "final"))
+    layout = meta["expert_groups"]
+    assert layout["param_groups"][0] is None
+    assert layout["param_groups"][1]["count"] == 2 and layout["param_groups"][1]["ranks"] == [[0, 1], [2, 3]]
+
+
+@pytest.mark.dist
+def test_another_number_of_expert_groups_is_refused(expert_runs):
+    refused = expert_runs[2]
+    assert all(e is not None for e in refused), refused
+    assert all("2 expert groups" in e and "1 here" in e for e in refused), refused
+
+
+@pytest.mark.dist
+def test_export_consolidated_names_each_expert_group(expert_runs):
+    saved, _, _, exported, _ = expert_runs
+    by_k = {r["at_save"]["k"]: r["at_save"] for r in saved[4]}
+    weights = exported["model"]
+    assert "experts.w" not in weights and "experts.proj" not in weights
+    for k, snap in by_k.items():
+        for name in ("experts.w", "experts.proj"):
+            assert torch.equal(weights[f"{name}@ep{k}"], snap["params"][name]), (name, k)
+        for name in ("dense.weight", "head.bias"):
+            assert torch.equal(weights[name], snap["params"][name])
+    sd = exported["optim"]
+    # groups: dense, then one group per expert group for each expert param group
+    assert [g.get("expert_group") for g in sd["param_groups"]] == [None, 0, 1, 0, 1]
+    index = {}
+    for g in sd["param_groups"]:
+        for i, name in zip(g["params"], g["param_names"]):
+            index[name] = i
+    own = {"dense.weight": 0, "dense.bias": 1, "head.weight": 2, "head.bias": 3, "experts.w": 4, "experts.proj": 5}
+    for k, snap in by_k.items():
+        for name, j in own.items():
+            key = f"{name}@ep{k}" if name.startswith("experts.") else name
+            for kind, t in snap["optim"]["state"][j].items():
+                assert torch.equal(sd["state"][index[key]][kind], t), (key, kind)

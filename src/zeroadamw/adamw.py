@@ -3,8 +3,12 @@ modes, for places where something else already partitions the state (DeepSpeed Z
 flat fp32 partitions and replaces ``param_groups`` with them) or where you want no distributed machinery at all.
 
 It reads ``param_groups`` at every step (so whoever swaps the parameters in them is followed), keeps ``step``,
-``exp_avg``, ``exp_avg_sq`` per parameter exactly as ``torch.optim.AdamW`` does (its state dicts load in both),
-and runs the same kernels as ShardedAdamW (:mod:`zeroadamw.functional`).
+``exp_avg``, ``exp_avg_sq`` per parameter exactly as ``torch.optim.AdamW`` does (its state dicts load in both:
+keys torch's groups lack -- ``decay``, ``initial_lr``, the weight-decay schedule's -- keep this optimizer's
+values, and a float ``step`` from an old torch state dict becomes a tensor), and runs the same kernels as
+ShardedAdamW (:mod:`zeroadamw.functional`). As in torch: complex params are updated through real views (state
+stays complex), ``copy.deepcopy`` / ``pickle`` copy the optimizer with its params, and every torch.optim hook
+(step, state_dict, load_state_dict) runs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import Tensor
 
 from . import functional as F
 from .schedules import WdScheduleMixin
-from .sharded_adamw import _validate_hyper, plain_adamw_step
+from .sharded_adamw import ShardedAdamW, _validate_hyper, plain_adamw_step
 
 __all__ = ["AdamW"]
 
@@ -54,8 +58,36 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
         _validate_hyper(group, f" (param group {len(self.param_groups) - 1})")
-        group.setdefault("initial_lr", group["lr"])
+        lr0 = group["lr"]  # a tensor lr is written in place by LR schedulers: the peak must not follow it
+        group.setdefault("initial_lr", lr0.clone() if isinstance(lr0, Tensor) else lr0)
         self._wd_register(group, wd_fn)
+
+    # ------------------------------------------------------------------------- loading, deepcopy and pickle
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # defaults, state, param_groups: what torch.optim copies
+        state["impl"] = self.impl
+        state["_wd_default"] = (ShardedAdamW._portable_wd_fn(self._wd_default[0]), self._wd_default[1])
+        state["_wd_fns"] = [ShardedAdamW._portable_wd_fn(fn) for fn in getattr(self, "_wd_fns", [])]
+        if "last_step_hparams" in self.__dict__:
+            state["last_step_hparams"] = self.last_step_hparams
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling / deepcopy, and the last stage of ``load_state_dict`` (torch's, which installs the loaded
+        groups and state through here): torch's groups get the zeroadamw keys they lack and are validated, and
+        float steps become tensors, before anything is changed."""
+        state = dict(state)
+        if "param_groups" in state:
+            state["param_groups"] = ShardedAdamW._completed_groups(
+                state["param_groups"], self.__dict__.get("param_groups"),
+                state.get("defaults", self.__dict__.get("defaults", {})), "loaded")
+        if "state" in state:
+            ShardedAdamW._steps_as_tensors(state["state"])
+        super().__setstate__(state)
+        self.__dict__.setdefault("impl", "auto")
+        self.__dict__.setdefault("_wd_default", (None, None))
+        if len(self.__dict__.setdefault("_wd_fns", [])) != len(self.param_groups):
+            self._wd_fns = [None] * len(self.param_groups)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):

@@ -12,8 +12,9 @@ Layout of a checkpoint directory::
       .metadata            DCP's metadata (DCP's own format)
       __<rank>_0.distcp    DCP's per-rank payload files: tensors only, each read back with weights_only=True
       zeroadamw.json       ours, plain JSON: format version, world size, model tensor names/shapes/dtypes,
-                           optimizer param groups (hyperparameters + parameter *names*), scheduler state,
-                           ``extra``, and the size + CRC-32 of every file above; written last
+                           optimizer param groups (hyperparameters + parameter *names*), the expert-group
+                           layout, scheduler state, ``extra``, and the size + CRC-32 of every file above;
+                           written last
 
 **What is stored.** Model tensors under ``model/<name>`` (replicated; DCP writes each once). Optimizer state per
 parameter *name* (FQN): ``optim/<fqn>/exp_avg``, ``.../exp_avg_sq`` and, for bf16/fp16 params, ``.../master`` as
@@ -21,11 +22,25 @@ parameter *name* (FQN): ``optim/<fqn>/exp_avg``, ``.../exp_avg_sq`` and, for bf1
 ``optim/<fqn>/step``. A different world size or bucket size loads by reading the ranges it now owns (DCP plans
 the reads across the saved chunks). Plain ``torch.optim`` optimizers are saved too (replicated state, same keys).
 
-**Atomic.** Every rank writes into ``.<name>.tmp-<token>`` next to ``path``; after all ranks have finished
-(barrier) and the metadata is written, rank 0 swaps it in (old → ``.<name>.old-<token>``, new → ``path``, old
-deleted). A crash before the swap leaves the previous checkpoint untouched (the temporary directory is never
-accepted by ``load``: no ``zeroadamw.json``), and a crash between the two renames is repaired by the next
-``load``/``save``.
+**Expert groups.** A param group with a ``"process_group"`` (SparseAdamW's expert-data-parallel groups) holds
+*different* tensors under the same names in each of its groups. Its groups must partition the world; they are
+numbered ``k = 0 .. n-1`` by their smallest global rank (found by one object all-gather, no user input), and
+every tensor of the param group is stored per group: ``model/<name>@ep<k>`` and ``optim/<fqn>@ep<k>/<kind>``
+(each group's ranks write their own ranges; ``n = 1``, or no ``process_group``: no suffix).
+``zeroadamw.json["expert_groups"]`` records, per param group, ``null`` or ``{"count": n, "ranks": [[...], ...]}``,
+and which model tensors are stored per group. ``load`` reads each rank's own group's keys: the ranks per group
+(expert data parallelism) may change, the number of groups may not (a :class:`CheckpointError` names it).
+The expert layout comes from the optimizer: saving the model alone (``optimizer=None``) stores one group's
+experts, and loading a checkpoint with per-group model tensors needs ``optimizer=``.
+
+**Atomic, and failures are shared.** Every rank writes into ``.<name>.tmp-<token>`` next to ``path`` and computes
+the size and CRC-32 of the files it wrote; the tables (and any failure) are all-gathered; rank 0 writes the
+metadata and swaps the directory in (old → ``.<name>.old-<token>``, new → ``path``, old deleted). Each phase
+ends in that all-gather of outcomes: an exception on any rank -- writing, checksumming, rank 0's metadata write
+or swap -- raises the same :class:`CheckpointError` on every rank (no rank waits for one that failed), after the
+previous checkpoint was put back and the temporary directory deleted. A crash before the swap leaves the
+previous checkpoint untouched (the temporary directory is never accepted by ``load``: no ``zeroadamw.json``),
+and a crash between the two renames is repaired by the next ``load``/``save``.
 
 **Validated on load, before anything is changed:** the JSON exists and has our format; every listed file exists
 with its size and CRC-32 (each rank checks a share; truncated or corrupt files are named); the model's tensor
@@ -120,6 +135,7 @@ class _BoundedWriter(dcp.FileSystemWriter):
     def __init__(self, path: str, max_file_bytes: int) -> None:
         super().__init__(path, single_file_per_rank=True, sync_files=True)
         self.max_file_bytes = max_file_bytes
+        self.written: list[str] = []  # this rank's payload files (names relative to path): the ones it CRCs
 
     def write_data(self, plan, planner):
         import queue
@@ -140,6 +156,7 @@ class _BoundedWriter(dcp.FileSystemWriter):
         file_queue: queue.Queue = queue.Queue()
         for k, items in enumerate(g for g in groups if g):
             name = f"{plan.storage_data.prefix}{k}{DEFAULT_SUFFIX}"
+            self.written.append(name)
             file_queue.put((self.fs.concat_path(self.path, name), name, items))
         return self._write_data(planner, file_queue)
 
@@ -171,11 +188,6 @@ def _rank() -> int:
     return dist.get_rank() if _dist() else 0
 
 
-def _barrier() -> None:
-    if _dist():
-        dist.barrier()
-
-
 def _broadcast_obj(obj: Any) -> Any:
     if not _dist():
         return obj
@@ -190,6 +202,30 @@ def _all_gather_obj(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def _agreed(path: str, what: str, fn=None, *, op: str = "saving", as_is: bool = False, gather: bool = True) -> Any:
+    """Run ``fn()`` on this rank (``None``: this rank has nothing to do here) and share the outcome with every
+    rank (one object all-gather, which is also the barrier): when it raised on any rank, every rank raises the
+    same :class:`CheckpointError`, naming the ranks and their errors -- no rank is left waiting in a collective
+    for one that failed. ``as_is``: when every rank raised the same message (a deterministic error, e.g. a
+    validation), each re-raises its own exception unchanged. Returns every rank's result, by rank (``gather``),
+    or only this rank's (``gather=False``: only the outcome travels)."""
+    result, error, exc = None, None, None
+    if fn is not None:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - shared with every rank, re-raised below (chained on this rank)
+            exc, error = e, f"{type(e).__name__}: {e}"
+    everyone = _all_gather_obj((error, result if gather and error is None else None))
+    failed = [(r, err) for r, (err, _) in enumerate(everyone) if err is not None]
+    if not failed:
+        return [res for _, res in everyone] if gather else result
+    if as_is and exc is not None and len(failed) == len(everyone) and len({err for _, err in failed}) == 1:
+        raise exc
+    tail = f" -- every rank stopped; the checkpoint at {path} (if there was one) is as it was" if op == "saving" else ""
+    raise CheckpointError(
+        f"{op} {path} failed while {what} -- " + "; ".join(f"rank {r}: {err}" for r, err in failed) + tail) from exc
 
 
 # --------------------------------------------------------------------------------------------- JSON helpers
@@ -303,48 +339,51 @@ def _groups_json(optimizer: torch.optim.Optimizer, names: dict[Tensor, str]) -> 
     return groups
 
 
-def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
+def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str],
+                     keys: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
     """DCP entries for a ShardedAdamW: owned element ranges of sharded state (views into its state: no copies),
     replicated tensors for replicated state (AdaLomo's row/column moments), the step; and the per-param JSON
-    description (shape and dtype of every kind, whether it is sharded)."""
+    description (shape and dtype of every kind, whether it is sharded), by parameter name. Entries are keyed
+    ``optim/<keys[p]>/<kind>`` (the name, with the expert-group suffix for expert params)."""
     opt._init_state()
     entries: dict[str, Any] = {}
     desc: dict[str, dict] = {}
     for bucket in opt.engine.buckets:
         for i, p in enumerate(bucket.params):
-            fqn = names[p]
+            fqn, key = names[p], keys[p]
             s = bucket.layout.slots[i]
             kinds = {}
             for kind, (how, t) in opt._state_kinds(p).items():
                 shape = list(opt._state_shape(p, how, t))
                 if how == "range":
-                    entries[f"optim/{fqn}/{kind}"] = _Range(t, s.own_lo, s.numel)
+                    entries[f"optim/{key}/{kind}"] = _Range(t, s.own_lo, s.numel)
                 elif how == "rows":
                     lo, _ = opt._rows_range(bucket, i)
-                    entries[f"optim/{fqn}/{kind}"] = _Range(t, lo, p.shape[0])
+                    entries[f"optim/{key}/{kind}"] = _Range(t, lo, p.shape[0])
                 else:
-                    entries[f"optim/{fqn}/{kind}"] = t
+                    entries[f"optim/{key}/{kind}"] = t
                 kinds[kind] = {"shape": shape, "dtype": _dtype_name(t.dtype), "sharded": how in ("range", "rows")}
             desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "kinds": kinds, "rule": opt.rule}
     return entries, desc
 
 
-def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
+def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str],
+                   keys: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
     """Any torch.optim optimizer: per-param state tensors (replicated) under the same keys."""
     entries: dict[str, Any] = {}
     desc: dict[str, dict] = {}
     for g in opt.param_groups:
         for p in g["params"]:
             st = opt.state.get(p, {})
-            fqn = names[p]
+            fqn, key = names[p], keys[p]
             kinds = {}
             for k, v in st.items():
                 if k == "step":
-                    entries[f"optim/{fqn}/step"] = (v.detach().reshape(()).to(torch.float32) if isinstance(v, Tensor)
+                    entries[f"optim/{key}/step"] = (v.detach().reshape(()).to(torch.float32) if isinstance(v, Tensor)
                                                     else torch.tensor(float(v), dtype=torch.float32))
                     kinds["step"] = {"shape": [], "dtype": "float32", "sharded": False}
                 elif isinstance(v, Tensor) and v.shape == p.shape:
-                    entries[f"optim/{fqn}/{k}"] = v.detach().reshape(-1)
+                    entries[f"optim/{key}/{k}"] = v.detach().reshape(-1)
                     kinds[k] = {"shape": list(p.shape), "dtype": _dtype_name(v.dtype), "sharded": True}
                 else:
                     raise TypeError(f"optimizer state {k!r} of {fqn} is not a tensor of the parameter's shape")
@@ -352,6 +391,87 @@ def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str]) -> tupl
                 desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "kinds": kinds,
                              "rule": type(opt).__name__}
     return entries, desc
+
+
+# -------------------------------------------------------------------------------------------- expert groups
+def _ep_name(name: str, k: int | None) -> str:
+    """The key of a tensor of expert group ``k`` (``None``: a tensor with one copy in the whole world)."""
+    return name if k is None else f"{name}@ep{k}"
+
+
+def _expert_layout(optimizer: torch.optim.Optimizer) -> tuple[list[dict | None], list[int | None]]:
+    """Per param group: its expert-group layout (JSON: ``count`` and each group's global ``ranks``) and this rank's
+    expert-parallel index ``k`` in ``[0, count)``; ``None`` for both where the group has no ``process_group`` or
+    one that spans the world (one copy of its params). A collective (one object all-gather) when distributed.
+
+    A param group's ``process_group`` (SparseAdamW's expert-data-parallel groups) holds *different* tensors under
+    the same names in each of its groups, so every group's tensors are stored under their own keys. ``k`` numbers
+    the distinct groups by their smallest global rank; they must partition the world."""
+    n = len(optimizer.param_groups)
+    if not _dist():
+        return [None] * n, [None] * n
+    world = dist.get_world_size()
+    mine = []
+    for g in optimizer.param_groups:
+        pg = g.get("process_group")
+        if pg is None:
+            mine.append(None)
+        else:
+            mine.append((tuple(sorted(dist.get_process_group_ranks(pg))),
+                         [[list(p.shape), _dtype_name(p.dtype)] for p in g["params"]]))
+    everyone = _all_gather_obj(mine)
+    layout: list[dict | None] = []
+    index: list[int | None] = []
+    for gi in range(n):
+        per_rank = [e[gi] if gi < len(e) else None for e in everyone]
+        if all(x is None for x in per_rank):
+            layout.append(None)
+            index.append(None)
+            continue
+        without = [r for r, x in enumerate(per_rank) if x is None]
+        if without:
+            raise CheckpointError(
+                f"param group {gi} has a process_group on some ranks but not on ranks {without}: pass every rank "
+                "its expert-data-parallel group, or none on every rank")
+        groups = sorted({ranks for ranks, _ in per_rank})
+        covered = sorted(r for ranks in groups for r in ranks)
+        if covered != list(range(world)):
+            raise CheckpointError(
+                f"the process groups of param group {gi} ({[list(x) for x in groups]}) do not partition the "
+                f"{world} ranks: every rank must be in exactly one expert-data-parallel group")
+        if len(groups) == 1:
+            layout.append(None)
+            index.append(None)
+            continue
+        shapes = {ranks: sig for ranks, sig in per_rank}
+        if any(shapes[x] != shapes[groups[0]] for x in groups):
+            raise CheckpointError(
+                f"param group {gi}: the expert groups {[list(x) for x in groups]} hold parameters of different "
+                "shapes or dtypes; every expert group must hold the same parameters (its own values)")
+        layout.append({"count": len(groups), "ranks": [list(x) for x in groups]})
+        index.append(groups.index(mine[gi][0]))
+    return layout, index
+
+
+def _param_keys(optimizer: torch.optim.Optimizer, names: dict[Tensor, str],
+                index: list[int | None]) -> dict[Tensor, str]:
+    """The checkpoint key (name, with ``@ep<k>`` for expert params) of every parameter of the optimizer."""
+    return {p: _ep_name(names[p], index[gi]) for gi, g in enumerate(optimizer.param_groups) for p in g["params"]}
+
+
+def _check_layout(path: str, saved: list | None, now: list[dict | None]) -> None:
+    """The number of expert groups of every param group must be the one it was saved with (the ranks in each,
+    i.e. the expert data parallelism, may differ: each group reshards its own tensors)."""
+    saved = saved or [None] * len(now)
+    for gi, (s, c) in enumerate(zip(saved, now)):
+        ns, nc = (s or {}).get("count", 1), (c or {}).get("count", 1)
+        if ns != nc:
+            raise CheckpointError(
+                f"{path}: param group {gi} was saved with {ns} expert groups"
+                f"{' (ranks ' + str(s['ranks']) + ')' if s else ''}, {nc} here"
+                f"{' (ranks ' + str(c['ranks']) + ')' if c else ''}: load with the same number of expert groups "
+                "(expert-parallel size; the number of ranks per expert group may differ), or export the checkpoint "
+                "with export_consolidated and redistribute the experts")
 
 
 # ------------------------------------------------------------------------------------------------ integrity
@@ -429,6 +549,67 @@ def _recover(path: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- save
+def _model_entries(model: torch.nn.Module, expert_of: dict[int, tuple[int, int]]) -> tuple[dict, dict, dict]:
+    """DCP entries of the model's tensors, their JSON description, and the names stored per expert group
+    (``name -> param group``); ``expert_of`` maps ``id(param) -> (param group, this rank's k)``."""
+    state: dict[str, Any] = {}
+    tensors: dict[str, dict] = {}
+    per_group: dict[str, int] = {}
+    as_vars = model.state_dict(keep_vars=True) if expert_of else {}
+    for k, t in model.state_dict().items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"model state {k!r} is not a tensor")
+        ep = expert_of.get(id(as_vars.get(k)))
+        if ep is not None:
+            per_group[k] = ep[0]
+        state[f"model/{_ep_name(k, ep[1] if ep else None)}"] = t.detach()
+        tensors[k] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+    return state, tensors, per_group
+
+
+def _prepare_tmp(parent: str, name: str, path: str, tmp: str) -> None:
+    os.makedirs(parent, exist_ok=True)
+    _recover(path)
+    for stale in os.listdir(parent):  # leftovers of crashed saves of this checkpoint
+        if stale.startswith((f".{name}.tmp-", f".{name}.old-")):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    os.makedirs(tmp)
+
+
+def _write_meta(directory: str, meta: dict) -> None:
+    part = os.path.join(directory, META_FILE + ".part")
+    with open(part, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, os.path.join(directory, META_FILE))
+
+
+def _commit(parent: str, name: str, path: str, tmp: str, token: str, meta: dict) -> None:
+    """Rank 0: write ``zeroadamw.json`` into the finished temporary directory and swap it in for ``path``. On a
+    failure, put the previous checkpoint back (if it was moved aside) and delete the temporary directory."""
+    old = os.path.join(parent, f".{name}.old-{token}")
+    moved = False
+    try:
+        _write_meta(tmp, meta)
+        if os.path.exists(path):
+            os.rename(path, old)
+            moved = True
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            if moved and not os.path.exists(path):  # the swap was half done: the previous checkpoint goes back
+                os.rename(old, path)
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        except Exception:  # noqa: BLE001 - the first error is the one to report; the next load/save repairs
+            pass
+        raise
+    _fsync_dir(parent)
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save(
     path: str | os.PathLike,
     model: torch.nn.Module | None = None,
@@ -443,10 +624,13 @@ def save(
 
     A collective when ``torch.distributed`` is initialised (every rank calls it with the same path); works in one
     process without it. Each rank writes only the optimizer state it owns, in files of at most
-    ``max_file_bytes`` (default 64 MiB; DCP holds a CPU copy of one file's tensors while writing it).
-    ``extra``: JSON-serialisable values and tensors (rank 0's copy is saved), returned by :func:`load`.
-    ``save_model=False`` uses ``model`` only to name the optimizer's parameters (e.g. inside a HF Trainer
-    checkpoint, which saves the weights itself).
+    ``max_file_bytes`` (default 64 MiB; DCP holds a CPU copy of one file's tensors while writing it), and
+    computes the size and CRC-32 of its own files. ``extra``: JSON-serialisable values and tensors (rank 0's copy
+    is saved), returned by :func:`load`. ``save_model=False`` uses ``model`` only to name the optimizer's
+    parameters (e.g. inside a HF Trainer checkpoint, which saves the weights itself).
+
+    A failure on any rank (writing, checksumming, rank 0's metadata write or swap) raises the same
+    :class:`CheckpointError` on every rank; the checkpoint previously at ``path`` is left as it was.
     """
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
@@ -455,27 +639,33 @@ def save(
     state: dict[str, Any] = {}
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "world_size": dist.get_world_size() if _dist() else 1,
                             "created": time.time(), "model": None, "optimizer": None, "scheduler": None}
-    if model is not None and save_model:
-        tensors = {}
-        for k, t in model.state_dict().items():
-            if not isinstance(t, Tensor):
-                raise TypeError(f"model state {k!r} is not a tensor")
-            state[f"model/{k}"] = t.detach()
-            tensors[k] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
-        meta["model"] = {"tensors": tensors}
+    expert_of: dict[int, tuple[int, int]] = {}
     if optimizer is not None:
         names = _param_names(model, optimizer)
+        layout, index = _expert_layout(optimizer)
+        keys = _param_keys(optimizer, names, index)
+        expert_of = {id(p): (gi, index[gi]) for gi, g in enumerate(optimizer.param_groups)
+                     if index[gi] is not None for p in g["params"]}
+        meta["expert_groups"] = {"param_groups": layout, "tensors": {}}
+    if model is not None and save_model:
+        entries, tensors, per_group = _model_entries(model, expert_of)
+        state.update(entries)
+        meta["model"] = {"tensors": tensors}
+        if optimizer is not None:
+            meta["expert_groups"]["tensors"] = per_group
+    local_max_step = 0.0
+    if optimizer is not None:
         if isinstance(optimizer, ShardedAdamW):
-            entries, desc = _sharded_entries(optimizer, names)
+            entries, desc = _sharded_entries(optimizer, names, keys)
             kind = "ShardedAdamW"
         else:
-            entries, desc = _plain_entries(optimizer, names)
+            entries, desc = _plain_entries(optimizer, names, keys)
             kind = type(optimizer).__name__
         state.update(entries)
-        steps = [float((v.local if isinstance(v, _Range) else v).max()) for k, v in entries.items()
-                 if k.endswith("/step") and (not isinstance(v, _Range) or v.local.numel())]
+        local_max_step = max((float((v.local if isinstance(v, _Range) else v).max()) for k, v in entries.items()
+                              if k.endswith("/step") and (not isinstance(v, _Range) or v.local.numel())), default=0.0)
         meta["optimizer"] = {"class": kind, "param_groups": _groups_json(optimizer, names), "params": desc,
-                             "max_step": max(steps, default=0.0)}
+                             "max_step": local_max_step}
         if isinstance(optimizer, ShardedAdamW):
             meta["optimizer"].update(stage=optimizer.stage, bucket_size=optimizer.bucket_size,
                                      master_dtype=_dtype_name(optimizer.master_dtype) if optimizer.master_dtype else None)
@@ -487,36 +677,43 @@ def save(
         if _rank() == 0:  # rank 0's extra is the one saved (JSON and tensors alike)
             state.update(extra_tensors)
 
-    token = _broadcast_obj(uuid.uuid4().hex[:12] if _rank() == 0 else None)
+    rank0 = _rank() == 0
+    token = _broadcast_obj(uuid.uuid4().hex[:12] if rank0 else None)
     tmp = os.path.join(parent, f".{name}.tmp-{token}")
-    if _rank() == 0:
-        os.makedirs(parent, exist_ok=True)
-        _recover(path)
-        for stale in os.listdir(parent):  # leftovers of crashed saves of this checkpoint
-            if stale.startswith((f".{name}.tmp-", f".{name}.old-")):
-                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
+    _agreed(path, "preparing the temporary directory",
+            (lambda: _prepare_tmp(parent, name, path, tmp)) if rank0 else None)
     writer = _BoundedWriter(tmp, max_file_bytes)
-    _quiet(dcp.save, state, storage_writer=writer, planner=_SavePlanner(), no_dist=not _dist())
-    _barrier()  # every rank's files are complete (and fsynced) and DCP's metadata is written
-    if _rank() == 0:
-        files = sorted(f for f in os.listdir(tmp) if f != META_FILE)
-        meta["files"] = _file_table(tmp, files)
-        with open(os.path.join(tmp, META_FILE + ".part"), "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(os.path.join(tmp, META_FILE + ".part"), os.path.join(tmp, META_FILE))
-        old = None
-        if os.path.exists(path):
-            old = os.path.join(parent, f".{name}.old-{token}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+
+    def write() -> tuple[dict, float]:
+        _quiet(dcp.save, state, storage_writer=writer, planner=_SavePlanner(), no_dist=not _dist())
+        own = list(writer.written)
+        if rank0 and os.path.exists(os.path.join(tmp, ".metadata")):
+            own.append(".metadata")  # DCP's metadata: written by the coordinator (rank 0) before dcp.save returns
+        return _file_table(tmp, own), local_max_step
+
+    try:  # every rank checksums the files it wrote; the tables and any failure reach every rank
+        written = _agreed(path, "writing and checksumming the shards", write)
+    except CheckpointError:
+        if rank0:  # every rank is past writing: the temporary directory is debris
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def commit() -> None:
+        files: dict[str, dict[str, int]] = {}
+        for table, _ in written:
+            files.update(table)
+        try:
+            unclaimed = sorted(f for f in os.listdir(tmp) if f not in files and f not in (META_FILE, META_FILE + ".part"))
+            files.update(_file_table(tmp, unclaimed))  # nothing expected here; but never leave a file unchecked
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        meta["files"] = dict(sorted(files.items()))
+        if meta["optimizer"] is not None:
+            meta["optimizer"]["max_step"] = max(m for _, m in written)
+        _commit(parent, name, path, tmp, token, meta)
+
+    _agreed(path, "writing the metadata and swapping the checkpoint in (rank 0)", commit if rank0 else None)
 
 
 def _fsync_dir(d: str) -> None:
@@ -602,14 +799,31 @@ def load(
     ``optimizer=None`` while the checkpoint holds optimizer state, the model's params are marked so that a
     ShardedAdamW starting fresh on them warns. ``verify=False`` skips the CRC-32 check (sizes are always checked).
     ``load_model=False`` uses ``model`` only to name the optimizer's parameters (its weights are not touched).
+    Expert groups (param groups with a ``process_group``) load their own tensors; their number must be the one
+    saved, the ranks per expert group may differ.
     """
     path = os.path.abspath(os.fspath(path))
-    if _rank() == 0:
-        _recover(path)
-    _barrier()
-    meta = _read_meta(path)
-    names = _param_names(model, optimizer) if optimizer is not None else None
-    _validate(path, meta, model if load_model else None, optimizer, names)
+    _agreed(path, "recovering an interrupted save (rank 0)", (lambda: _recover(path)) if _rank() == 0 else None,
+            op="loading", as_is=True, gather=False)
+
+    def read_and_validate() -> tuple[dict, dict | None]:
+        meta = _read_meta(path)
+        names = _param_names(model, optimizer) if optimizer is not None else None
+        _validate(path, meta, model if load_model else None, optimizer, names)
+        return meta, names
+
+    meta, names = _agreed(path, "reading and validating its description", read_and_validate,
+                          op="loading", as_is=True, gather=False)
+    saved_layout = meta.get("expert_groups") or {}
+    ep_tensors: dict[str, int] = saved_layout.get("tensors") or {}
+    index: list[int | None] = []
+    if optimizer is not None:
+        layout, index = _expert_layout(optimizer)
+        _check_layout(path, saved_layout.get("param_groups"), layout)
+    elif load_model and model is not None and ep_tensors:
+        raise CheckpointError(
+            f"{path} holds {len(ep_tensors)} model tensors per expert group (e.g. {sorted(ep_tensors)[:3]}); pass "
+            "optimizer= too: its param groups' process groups say which expert group's tensors this rank loads")
     share = (dist.get_rank(), dist.get_world_size()) if _dist() else (0, 1)
     table = meta.get("files") or {}
     _check(bool(table), f"{path}/{META_FILE} lists no files")
@@ -625,35 +839,16 @@ def load(
     dest: dict[str, Any] = {}
     if model is not None and load_model:
         for k, t in model.state_dict().items():
-            dest[f"model/{k}"] = t
+            dest[f"model/{_ep_name(k, index[ep_tensors[k]] if k in ep_tensors else None)}"] = t
     opt_meta = meta.get("optimizer")
     fill_master: list = []
+    keys: dict[Tensor, str] = {}
     if optimizer is not None:
+        keys = _param_keys(optimizer, names, index)
         if isinstance(optimizer, ShardedAdamW):
-            entries, desc = _sharded_entries(optimizer, names)
-            for fqn, d in desc.items():
-                saved = opt_meta["params"].get(fqn)
-                if saved is None:  # trainable now, had no state then: fresh
-                    for kind in d["kinds"]:
-                        entries.pop(f"optim/{fqn}/{kind}", None)
-                    continue
-                for kind in d["kinds"]:
-                    if kind not in saved["kinds"]:
-                        if kind == "master":  # saved without a master (fp32 run): take it from the loaded param
-                            entries.pop(f"optim/{fqn}/master", None)
-                            fill_master.append(fqn)
-                            continue
-                        raise CheckpointError(
-                            f"{path}: {fqn} has no {kind!r} state in the checkpoint (saved by rule "
-                            f"{saved.get('rule')!r}, loading into rule {optimizer.rule!r})")
-                    if saved["kinds"][kind]["shape"] != d["kinds"][kind]["shape"]:
-                        raise CheckpointError(
-                            f"{path}: {fqn} {kind!r} has shape {saved['kinds'][kind]['shape']} in the checkpoint, "
-                            f"{d['kinds'][kind]['shape']} here (another optimizer class or grouping)")
-            dest.update(entries)
+            dest.update(_sharded_dests(path, optimizer, names, keys, opt_meta, fill_master))
         else:
-            plain = _plain_dests(optimizer, names, opt_meta)
-            dest.update(plain)
+            dest.update(_plain_dests(optimizer, names, keys, opt_meta))
     if meta.get("extra") is not None:
         extra_dest: dict[str, Tensor] = {}
         _extra_dests(meta["extra"], extra_dest)
@@ -666,23 +861,9 @@ def load(
     if optimizer is not None:
         _apply_hyper(optimizer, opt_meta)
         if isinstance(optimizer, ShardedAdamW):
-            by_name = {names[p]: p for g in optimizer.param_groups for p in g["params"]}
-            for fqn, p in by_name.items():
-                if p in optimizer.engine.where and optimizer.engine.where[p][0].master is not None:
-                    if fqn in fill_master:  # no master in the checkpoint: take it from the (loaded) param
-                        optimizer._master_stale.add(p)
-                    else:
-                        optimizer._master_stale.discard(p)
-            for fqn, p in by_name.items():
-                if p in optimizer.engine.where and fqn not in opt_meta["params"]:
-                    bucket, i = optimizer.engine.where[p]
-                    for kind, (how, t) in optimizer._state_kinds(p).items():
-                        if kind == "master":
-                            optimizer._master_stale.add(p)
-                        else:
-                            t.zero_()
+            _restore_sharded(optimizer, names, opt_meta, fill_master)
         else:
-            _apply_plain(optimizer, names, opt_meta, dest)
+            _apply_plain(optimizer, names, keys, opt_meta, dest)
         if model is not None:
             for p in model.parameters():
                 if hasattr(p, RESUMED_ATTR):
@@ -698,6 +879,54 @@ def load(
     return _join_extra(meta["extra"], {k: dest[k] for k in dest if k.startswith("extra/")})
 
 
+def _sharded_dests(path: str, optimizer: ShardedAdamW, names, keys, opt_meta: dict, fill_master: list) -> dict:
+    """Where DCP reads a ShardedAdamW's state into (its own views); checks kinds and shapes against the saved
+    description first. Params saved without a master go to ``fill_master`` (taken from the loaded weights)."""
+    entries, desc = _sharded_entries(optimizer, names, keys)
+    key_of = {names[p]: k for p, k in keys.items()}
+    for fqn, d in desc.items():
+        key = key_of[fqn]
+        saved = opt_meta["params"].get(fqn)
+        if saved is None:  # trainable now, had no state then: fresh
+            for kind in d["kinds"]:
+                entries.pop(f"optim/{key}/{kind}", None)
+            continue
+        for kind in d["kinds"]:
+            if kind not in saved["kinds"]:
+                if kind == "master":  # saved without a master (fp32 run): take it from the loaded param
+                    entries.pop(f"optim/{key}/master", None)
+                    fill_master.append(fqn)
+                    continue
+                raise CheckpointError(
+                    f"{path}: {fqn} has no {kind!r} state in the checkpoint (saved by rule "
+                    f"{saved.get('rule')!r}, loading into rule {optimizer.rule!r})")
+            if saved["kinds"][kind]["shape"] != d["kinds"][kind]["shape"]:
+                raise CheckpointError(
+                    f"{path}: {fqn} {kind!r} has shape {saved['kinds'][kind]['shape']} in the checkpoint, "
+                    f"{d['kinds'][kind]['shape']} here (another optimizer class or grouping)")
+    return entries
+
+
+def _restore_sharded(optimizer: ShardedAdamW, names, opt_meta: dict, fill_master: list) -> None:
+    """After DCP filled a ShardedAdamW's views: masters to re-read, fresh state for params saved without any."""
+    by_name = {names[p]: p for g in optimizer.param_groups for p in g["params"]}
+    for fqn, p in by_name.items():
+        if p in optimizer.engine.where and optimizer.engine.where[p][0].master is not None:
+            if fqn in fill_master:  # no master in the checkpoint: take it from the (loaded) param
+                optimizer._master_stale.add(p)
+            else:
+                optimizer._master_stale.discard(p)
+    for fqn, p in by_name.items():
+        if p in optimizer.engine.where and fqn not in opt_meta["params"]:
+            for kind, (how, t) in optimizer._state_kinds(p).items():
+                if kind == "master":
+                    optimizer._master_stale.add(p)
+                else:
+                    t.zero_()
+    if hasattr(optimizer, "_mark_state_loaded"):
+        optimizer._mark_state_loaded()
+
+
 def _apply_hyper(optimizer: torch.optim.Optimizer, opt_meta: dict) -> None:
     for g, sg in zip(optimizer.param_groups, opt_meta["param_groups"]):
         for k, v in sg.items():
@@ -709,7 +938,7 @@ def _apply_hyper(optimizer: torch.optim.Optimizer, opt_meta: dict) -> None:
             g[k] = v
 
 
-def _plain_dests(optimizer, names, opt_meta) -> dict[str, Tensor]:
+def _plain_dests(optimizer, names, keys, opt_meta) -> dict[str, Tensor]:
     dests: dict[str, Tensor] = {}
     for g in optimizer.param_groups:
         for p in g["params"]:
@@ -720,15 +949,15 @@ def _plain_dests(optimizer, names, opt_meta) -> dict[str, Tensor]:
                 if kind == "step":
                     if k["shape"]:
                         raise CheckpointError(f"{names[p]}: per-row steps are SparseAdamW state; load it into that optimizer")
-                    dests[f"optim/{names[p]}/step"] = torch.zeros((), dtype=torch.float32)
+                    dests[f"optim/{keys[p]}/step"] = torch.zeros((), dtype=torch.float32)
                     continue
                 if not k["sharded"] or k["shape"] != list(p.shape):
                     raise CheckpointError(f"{names[p]}: {kind!r} is {d.get('rule')} state; load it into that optimizer")
-                dests[f"optim/{names[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(k["dtype"]))
+                dests[f"optim/{keys[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(k["dtype"]))
     return dests
 
 
-def _apply_plain(optimizer, names, opt_meta, loaded) -> None:
+def _apply_plain(optimizer, names, keys, opt_meta, loaded) -> None:
     """Build a torch-format state dict from what was read and hand it to ``optimizer.load_state_dict``."""
     state = {}
     index = 0
@@ -738,9 +967,9 @@ def _apply_plain(optimizer, names, opt_meta, loaded) -> None:
         for p in g["params"]:
             d = opt_meta["params"].get(names[p])
             if d is not None:
-                st = {kind: loaded[f"optim/{names[p]}/{kind}"].view(p.shape) for kind in d["kinds"]
+                st = {kind: loaded[f"optim/{keys[p]}/{kind}"].view(p.shape) for kind in d["kinds"]
                       if kind not in ("master", "step")}
-                st["step"] = loaded[f"optim/{names[p]}/step"]
+                st["step"] = loaded[f"optim/{keys[p]}/step"]
                 state[index] = st
             ids.append(index)
             index += 1
@@ -756,6 +985,15 @@ def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     Tensors are read from the checkpoint one at a time and streamed to the output files, so peak memory is about
     one parameter's state, not the whole state (measured in benchmarks/checkpoint_memory.py).
+
+    **Expert groups.** A checkpoint saved with ``n > 1`` expert groups (param groups with a ``process_group``)
+    holds ``n`` different tensors per expert parameter name. They are exported under distinguishable names:
+    ``model.safetensors`` has ``<name>@ep<k>`` for ``k`` in ``[0, n)`` (expert group ``k`` = the ``k``-th
+    group by smallest global rank, as in ``zeroadamw.json``'s ``expert_groups``) instead of ``<name>``; in
+    ``optimizer.pt`` such a param group becomes ``n`` consecutive param groups, one per expert group, each with
+    ``"expert_group": k``; and every param group then carries ``"param_names"`` (``<name>`` or ``<name>@ep<k>``)
+    naming the tensor each of its indices stands for. Checkpoints without expert groups export as before (no
+    suffixes, no ``param_names``).
     """
     from ._streaming import SafetensorsStreamWriter, TorchSaveStreamWriter
 
@@ -770,6 +1008,13 @@ def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     os.makedirs(out_dir, exist_ok=True)
     reader_path = ckpt_dir
     out: dict[str, str] = {}
+    layout = meta.get("expert_groups") or {}
+    ep_groups = layout.get("param_groups") or []
+    ep_tensors = layout.get("tensors") or {}
+
+    def copies(gi: int) -> list[int | None]:  # the expert-group suffixes of param group gi's tensors
+        g = ep_groups[gi] if gi < len(ep_groups) else None
+        return list(range(g["count"])) if g else [None]
 
     def read(key: str, shape: list[int], dtype: torch.dtype) -> Tensor:
         t = torch.empty(shape, dtype=dtype) if key.endswith("/step") or not key.startswith("optim/") else torch.empty(
@@ -783,7 +1028,8 @@ def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
         return t
 
     if meta.get("model") is not None:
-        tensors = meta["model"]["tensors"]
+        tensors = {_ep_name(k, c): v for k, v in meta["model"]["tensors"].items()
+                   for c in (copies(ep_tensors[k]) if k in ep_tensors else [None])}
         path = os.path.join(out_dir, "model.safetensors")
         with SafetensorsStreamWriter(path, {k: (v["shape"], _dtype(v["dtype"])) for k, v in tensors.items()},
                                      metadata={"format": "pt"}) as w:
@@ -793,33 +1039,49 @@ def export_consolidated(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     om = meta.get("optimizer")
     if om is not None:
         path = os.path.join(out_dir, "optimizer.pt")
+        named = any(ep_groups)
         with TorchSaveStreamWriter(path) as w:
             state = {}
             index = 0
             groups = []
-            for sg in om["param_groups"]:
-                ids = []
-                for fqn in sg["params"]:
-                    d = om["params"].get(fqn)
-                    if d is not None:
-                        sk = d["kinds"].get("step", {"shape": [], "dtype": "float32"})
-                        step = read_full(f"optim/{fqn}/step", sk["shape"], _dtype(sk["dtype"]))
-                        if float(step.max()) > 0:
-                            entry = {}
-                            for kind, k in d["kinds"].items():
-                                if kind == "step":
-                                    t = step
-                                elif k["sharded"]:
-                                    t = read(f"optim/{fqn}/{kind}", k["shape"], _dtype(k["dtype"])).view(k["shape"])
-                                else:
-                                    t = read_full(f"optim/{fqn}/{kind}", k["shape"], _dtype(k["dtype"]))
-                                entry[kind] = w.tensor(t)
-                                del t
-                            state[index] = entry
-                    ids.append(index)
-                    index += 1
-                groups.append({**{k: (tuple(v) if k == "betas" else _unjson(v)) for k, v in sg.items() if k != "params"},
-                               "params": ids})
+            for gi, sg in enumerate(om["param_groups"]):
+                for c in copies(gi):
+                    ids = []
+                    for fqn in sg["params"]:
+                        d = om["params"].get(fqn)
+                        if d is not None:
+                            entry = _export_param_state(w, _ep_name(fqn, c), d, read, read_full)
+                            if entry is not None:
+                                state[index] = entry
+                        ids.append(index)
+                        index += 1
+                    g = {**{k: (tuple(v) if k == "betas" else _unjson(v)) for k, v in sg.items() if k != "params"},
+                         "params": ids}
+                    if named:
+                        g["param_names"] = [_ep_name(fqn, c) for fqn in sg["params"]]
+                    if c is not None:
+                        g["expert_group"] = c
+                    groups.append(g)
             w.finish({"state": state, "param_groups": groups})
         out["optimizer"] = path
     return out
+
+
+def _export_param_state(w, key: str, d: dict, read, read_full) -> dict | None:
+    """One parameter's state (stored under ``optim/<key>/``) streamed into the torch-format writer; ``None`` when
+    it was never updated (torch has no state for it then)."""
+    sk = d["kinds"].get("step", {"shape": [], "dtype": "float32"})
+    step = read_full(f"optim/{key}/step", sk["shape"], _dtype(sk["dtype"]))
+    if float(step.max()) <= 0:
+        return None
+    entry = {}
+    for kind, k in d["kinds"].items():
+        if kind == "step":
+            t = step
+        elif k["sharded"]:
+            t = read(f"optim/{key}/{kind}", k["shape"], _dtype(k["dtype"])).view(k["shape"])
+        else:
+            t = read_full(f"optim/{key}/{kind}", k["shape"], _dtype(k["dtype"]))
+        entry[kind] = w.tensor(t)
+        del t
+    return entry

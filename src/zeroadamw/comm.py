@@ -15,7 +15,7 @@ all-reduce      2 (N-1)/N x bytes
 so a ZeRO step (reduce-scatter of the gradients + all-gather of the params) moves exactly what DDP's all-reduce
 of the gradients moves: 2 (N-1)/N x gradient bytes.
 
-gloo fallback: gloo's ``reduce_scatter`` is a slow, unpipelined implementation for 32/64-bit floats (3-5x slower
+gloo fallback (CPU tensors): gloo's ``reduce_scatter`` is a slow, unpipelined implementation for 32/64-bit floats (3-5x slower
 than its ``all_reduce`` of the same tensor on CPU; measured in benchmarks/). On gloo the float32/float64
 reduce-scatter is therefore done as an all-reduce followed by a local slice, and *counted as the all-reduce it
 is* (twice the bytes). ``ZEROADAMW_GLOO_REDUCE_SCATTER=native`` turns the fallback off, ``=allreduce`` forces it
@@ -30,6 +30,8 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+
+from .control import check_collective_device, strict_enabled
 
 __all__ = ["Comm", "Handle", "dist_available"]
 
@@ -96,10 +98,13 @@ class Comm:
         mode = os.environ.get("ZEROADAMW_GLOO_REDUCE_SCATTER", "auto")
         if mode not in ("auto", "native", "allreduce"):
             raise ValueError(f"ZEROADAMW_GLOO_REDUCE_SCATTER must be auto, native or allreduce, got {mode!r}")
-        self._rs_mode = mode if self.backend == "gloo" else "native"
+        self._rs_mode = mode
 
     # ---------------------------------------------------------------------------------------------- accounting
-    def _count(self, op: str, nbytes: float) -> None:
+    def _count(self, op: str, nbytes: float, *tensors: torch.Tensor) -> None:
+        if strict_enabled():
+            for t in tensors:
+                check_collective_device(t, self.group, op)
         self.calls[op] += 1
         self.bytes[op] += int(round(nbytes))
 
@@ -111,10 +116,12 @@ class Comm:
         return {op: {"calls": self.calls[op], "bytes": self.bytes[op]} for op in sorted(self.calls)}
 
     # ---------------------------------------------------------------------------------------------- collectives
-    def _rs_via_allreduce(self, dtype: torch.dtype) -> bool:
+    def _rs_via_allreduce(self, t: torch.Tensor) -> bool:
+        """CPU tensors go to gloo (the CPU backend), whose fp32/fp64 reduce-scatter is the slow one: decided by
+        the tensor's device, not by the backend's name."""
         if self._rs_mode == "allreduce":
             return True
-        return self._rs_mode == "auto" and dtype in (torch.float32, torch.float64)
+        return self._rs_mode == "auto" and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True) -> Handle:
         """Sum ``inp`` (``N * out.numel()`` elements) over the ranks; this rank's slice lands in ``out``."""
@@ -122,13 +129,13 @@ class Comm:
         if n == 1:
             out.copy_(inp)
             return Handle()
-        if self._rs_via_allreduce(inp.dtype):
-            self._count("all_reduce", 2 * (n - 1) / n * inp.numel() * inp.element_size())
+        if self._rs_via_allreduce(inp):
+            self._count("all_reduce", 2 * (n - 1) / n * inp.numel() * inp.element_size(), inp)
             work = dist.all_reduce(inp, group=self.group, async_op=async_op)
             lo = self.rank * out.numel()
             h = Handle(work, lambda: out.copy_(inp[lo : lo + out.numel()]))
         else:
-            self._count("reduce_scatter", (n - 1) / n * inp.numel() * inp.element_size())
+            self._count("reduce_scatter", (n - 1) / n * inp.numel() * inp.element_size(), inp, out)
             h = Handle(_reduce_scatter(out, inp, group=self.group, async_op=async_op))
         if not async_op:
             h.wait()
@@ -140,7 +147,7 @@ class Comm:
         if n == 1:
             out.copy_(inp)
             return Handle()
-        self._count("all_gather", (n - 1) / n * out.numel() * out.element_size())
+        self._count("all_gather", (n - 1) / n * out.numel() * out.element_size(), inp, out)
         h = Handle(_all_gather(out, inp, group=self.group, async_op=async_op))
         if not async_op:
             h.wait()
@@ -151,7 +158,7 @@ class Comm:
         n = self.world_size
         if n == 1:
             return Handle()
-        self._count(label, 2 * (n - 1) / n * t.numel() * t.element_size())
+        self._count(label, 2 * (n - 1) / n * t.numel() * t.element_size(), t)
         h = Handle(dist.all_reduce(t, op=op or dist.ReduceOp.SUM, group=self.group, async_op=async_op))
         if not async_op:
             h.wait()
@@ -162,7 +169,7 @@ class Comm:
         n = self.world_size
         if n == 1:
             return
-        self._count(label, t.numel() * t.element_size())
+        self._count(label, t.numel() * t.element_size(), t)
         global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
         dist.broadcast(t, src=global_src, group=self.group)
 

@@ -133,9 +133,9 @@ class Diagnostics:
     def _all_reduce(self, t: Tensor) -> Tensor:
         comm = getattr(self.opt, "comm", None)
         if self._ours and comm is not None and comm.world_size > 1:
-            t = t.to(self.opt._collective_device())
+            t = t.to(self.opt.control.device)
             comm.all_reduce(t, label="diagnostics")
-        return t.cpu()
+        return t.cpu()  # one host read per collect()
 
     def snapshot(self) -> None:
         """Remember the current (owned) params; the next :meth:`collect` measures the update from here."""
@@ -159,8 +159,9 @@ class Diagnostics:
                 if live.numel():
                     parts[n + gi].append((live.double() - old.double()).square().sum())
                     parts[2 * n + gi].append(old.double().square().sum())
-        zero = torch.zeros((), dtype=torch.float64)
-        sums = self._all_reduce(torch.stack([torch.stack(p).sum().cpu() if p else zero for p in parts]))
+        dev = next((v.device for _, v in self._owned()), torch.device("cpu"))
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        sums = self._all_reduce(torch.stack([torch.stack(p).sum().to(dev) if p else zero for p in parts]))
         param_sq, upd_sq, prev_sq = sums[:n], sums[n : 2 * n], sums[2 * n :]
 
         out: dict[str, float] = {}

@@ -31,6 +31,7 @@ flat buffers and the collectives:
 
 from __future__ import annotations
 
+import sys
 import weakref
 from collections import deque
 from typing import Iterable
@@ -93,6 +94,7 @@ class Bucket:
         self.exp_avg: Tensor | None = None
         self.exp_avg_sq: Tensor | None = None
         self.master: Tensor | None = None
+        self.on_moved = None  # optimizer callback(bucket) after to_device: re-bind optimizer.state views
 
     @property
     def full(self) -> Tensor | None:
@@ -261,12 +263,18 @@ class Bucket:
                     self.shard_view(self.master, i).copy_(self.owned_param_view(i))
 
     def to_device(self, device: torch.device) -> None:
-        """Follow the parameters to another device (e.g. the model was moved after the optimizer was built)."""
+        """Follow the parameters to another device (e.g. the model was moved after the optimizer was built); the
+        optimizer's ``on_moved`` callback then re-binds its per-param state to the moved tensors."""
+        if device == self.device:
+            return
         self.device = device
         for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad", "full"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
+        self.direct_grads = [None if g is None else g.to(device) for g in self.direct_grads]
+        if self.on_moved is not None:
+            self.on_moved(self)
 
     def __repr__(self) -> str:
         return f"Bucket(group={self.group_index}, dtype={self.dtype}, {self.layout})"
@@ -286,6 +294,10 @@ class GradEngine:
         self.max_inflight = max_inflight
         self.step_in_backward = step_in_backward
         self.apply_fn = None  # fused step in backward: optimizer callback(bucket) -> all-gather Handle or None
+        self.control = None  # the optimizer's control plane (zeroadamw.control.Control), set by the optimizer
+        self.on_moved = None  # optimizer callback(bucket) after a bucket followed its params to another device
+        self._callback_queued = False  # an end-of-backward callback is queued on the outermost backward
+        self._nested_tasks: dict[int, bool] = {}  # graph task id -> runs inside another backward (reentrant)
         self.release_check = None  # optimizer callback: True when it no longer owns its params' gradients
         self._final = False  # the current backward round is the last micro-batch (outside no_sync())
         self._ag_inflight: deque[Handle] = deque()
@@ -321,6 +333,7 @@ class GradEngine:
     def add_bucket(self, bucket: Bucket) -> None:
         bucket.direct = (self.step_in_backward or bucket.always_hooked) and bucket.comm.world_size == 1
         bucket.tracker = self
+        bucket.on_moved = self.on_moved
         self.buckets.append(bucket)
         for i, p in enumerate(bucket.params):
             self.where[p] = (bucket, i)
@@ -380,7 +393,8 @@ class GradEngine:
         if not self._round_active:
             self._round_active = True
             self._final = False
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+        if not self._callback_queued:
+            self._queue_end_of_backward()
         if not self._no_sync:
             self._final = True  # a backward outside no_sync(): the last micro-batch, update once reduced
         if bucket.launched:
@@ -400,6 +414,23 @@ class GradEngine:
         if was_pending and bucket.pending == 0 and self._fill_log is not None:
             self._fill_log.append(bucket)
         self._launch_ready()
+
+    def _queue_end_of_backward(self) -> None:
+        """Queue :meth:`_backward_done` on the *outermost* backward. A hook that fires inside a reentrant
+        activation checkpoint (``torch.utils.checkpoint(use_reentrant=True)`` runs a nested backward) must not
+        queue it there: that callback would run when the segment ends, flushing every bucket not yet filled and
+        dropping the gradients that arrive after. So a nested backward queues nothing; the next hook of the outer
+        backward queues the callback (and if every hook is nested, ``step()`` ends the round)."""
+        task = torch._C._current_graph_task_id()
+        nested = self._nested_tasks.get(task)
+        if nested is None:
+            if len(self._nested_tasks) > 64:
+                self._nested_tasks.clear()
+            nested = self._nested_tasks[task] = _inside_nested_backward()
+        if nested:
+            return
+        self._callback_queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
 
     def _count_full(self, delta: int) -> None:
         self.full_bytes += delta
@@ -452,6 +483,7 @@ class GradEngine:
         self._drain()
         self._drain_gathers()
         self._end_round()
+        self._callback_queued = False
         if self._fill_log is not None:
             self._fill_log += [b for b in hooked if b not in self._fill_log]
             self._order = [hooked.index(b) for b in self._fill_log]
@@ -471,10 +503,8 @@ class GradEngine:
             return
         n = len(self.hooked_buckets)
         order = self._order + [i for i in range(n) if i not in self._order]  # buckets added since the log
-        comm = self.hooked_buckets[0].comm
-        t = torch.tensor(order, dtype=torch.int64, device=_control_device(comm, self.hooked_buckets[0]))
-        comm.broadcast(t)
-        perm = t.tolist()
+        # over the optimizer's world group: every rank -- whatever expert group it is in -- adopts one order
+        perm = self.control.broadcast_order(order)
         if sorted(perm) != list(range(n)):
             raise RuntimeError(f"bucket order from rank 0 is not a permutation of {n} buckets: {perm}")
         self.hooked_buckets = [self.hooked_buckets[i] for i in perm]
@@ -619,6 +649,7 @@ class GradEngine:
         self.shard_bytes = 0
         self._next = 0
         self._round_active = False  # a backward that raised never ran its end-of-backward callback
+        self._callback_queued = False
         self.errors.clear()
         self.packed_at_step = False
 
@@ -655,8 +686,26 @@ def _remove_handles(handles: list) -> None:
     handles.clear()
 
 
-def _control_device(comm: Comm, bucket: Bucket) -> torch.device:
-    return bucket.device if "nccl" in comm.backend else torch.device("cpu")
+_AUTOGRAD_ENTRIES = {("backward", "torch/autograd/__init__.py"), ("grad", "torch/autograd/__init__.py")}
+
+
+def _inside_nested_backward() -> bool:
+    """Whether the current autograd hook runs in a backward started from inside another backward: a
+    ``torch.autograd.backward``/``grad`` call above (more recent than) a custom autograd Function's backward
+    (``BackwardCFunction.apply``), as reentrant activation checkpointing does. Walks this thread's Python stack
+    (the engine runs CUDA work on its own threads: there the outer backward has no Python frame, the nested
+    one still does)."""
+    f = sys._getframe(1)
+    seen_entry = False
+    while f is not None:
+        code = f.f_code
+        path = code.co_filename.replace("\\", "/")
+        if not seen_entry and any(code.co_name == n and path.endswith(suffix) for n, suffix in _AUTOGRAD_ENTRIES):
+            seen_entry = True
+        elif seen_entry and code.co_name == "apply" and path.endswith("torch/autograd/function.py"):
+            return True
+        f = f.f_back
+    return False
 
 
 def _hook(ref: weakref.ref, p: Tensor) -> None:

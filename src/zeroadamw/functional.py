@@ -3,11 +3,14 @@ r"""Pure AdamW update math on lists of tensors: no ``torch.distributed``, no hoo
 Every kernel here has the same signature and the same meaning, and updates its arguments in place::
 
     adamw_<impl>(params, grads, exp_avgs, exp_avg_sqs, steps, *,
-                 lr, beta1, beta2, eps, weight_decay, decay="decoupled", lr_max=None, grad_scale=None)
+                 lr, beta1, beta2, eps, weight_decay, decay="decoupled", lr_max=None, grad_scale=None,
+                 found_inf=None)
 
 ``steps`` are 0-d float32 tensors, incremented by the kernel (as in ``torch.optim``). ``grad_scale`` (a float or
 a 0-d tensor) divides every gradient before use: it folds loss-scale unscaling and global-norm clipping into the
-update without another pass over the gradients. Tensors of one call share a device and a dtype.
+update without another pass over the gradients. ``found_inf`` (a 0-d float tensor, 0 or 1) skips the whole call
+when non-zero -- params, moments *and* step counts unchanged; :func:`adamw_fused` decides that on the device
+without a host read (the other two read it). Tensors of one call share a device and a dtype.
 
 For step :math:`t` with gradient :math:`g_t = \nabla f(\theta_{t-1}) / s` (``s`` = ``grad_scale``):
 
@@ -87,10 +90,13 @@ def adamw_reference(
     decay: str = "decoupled",
     lr_max: float | None = None,
     grad_scale: float | Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Readable for-loop AdamW with the three decay modes (see the module docstring for the math)."""
     if decay not in DECAY_MODES:
         raise ValueError(f"Unknown decay mode {decay!r}; expected one of {DECAY_MODES}")
+    if found_inf is not None and found_inf.item():  # the reference may read the host; the fused kernel does not
+        return
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
         step += 1
         t = _scalar(step)
@@ -125,11 +131,14 @@ def adamw_foreach(
     decay: str = "decoupled",
     lr_max: float | None = None,
     grad_scale: float | Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """Multi-tensor AdamW (``torch._foreach_*``), same math and signature as :func:`adamw_reference`."""
     if decay not in DECAY_MODES:
         raise ValueError(f"Unknown decay mode {decay!r}; expected one of {DECAY_MODES}")
     if not params:
+        return
+    if found_inf is not None and found_inf.item():  # (as torch's non-capturable foreach, this kernel reads steps)
         return
     torch._foreach_add_(steps, 1)
     if grad_scale is not None:
@@ -167,6 +176,7 @@ def adamw_fused(
     decay: str = "decoupled",
     lr_max: float | None = None,
     grad_scale: float | Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     """One-pass AdamW with ``torch._fused_adamw_`` / ``torch._fused_adam_``; same signature as the others."""
     if decay not in DECAY_MODES:
@@ -174,9 +184,11 @@ def adamw_fused(
     if not params:
         return
     if grad_scale is not None and not isinstance(grad_scale, Tensor):
-        grad_scale = torch.tensor(float(grad_scale), dtype=torch.float32, device=params[0].device)
+        grad_scale = torch.full((), float(grad_scale), dtype=torch.float32, device=params[0].device)
     elif grad_scale is not None:
         grad_scale = grad_scale.to(device=params[0].device, dtype=torch.float32)
+    if found_inf is not None:
+        found_inf = found_inf.to(device=params[0].device, dtype=torch.float32)
     torch._foreach_add_(steps, 1)
     if decay == "l2":
         fn, wd = torch._fused_adam_, weight_decay
@@ -197,8 +209,10 @@ def adamw_fused(
         amsgrad=False,
         maximize=False,
         grad_scale=grad_scale,
-        found_inf=None,
+        found_inf=found_inf,
     )
+    if found_inf is not None:  # skipped on the device: undo the step count too (as torch's fused AdamW does)
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
 
 
 _FUSED_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps")
@@ -220,21 +234,59 @@ KERNELS: dict[str, Callable[..., None]] = {
 }
 
 
+_TENSOR_ARGS = ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps")
+
+
+def _fused_layout_ok(p: Tensor, *others: Tensor) -> bool:
+    """The fused kernels walk a param, its grad and its moments as one flat run of memory: all must have the
+    param's strides, and the param must be dense (no gaps, no overlap) -- else they pair up the wrong elements."""
+    if not p.is_contiguous() and not _dense(p):
+        return False
+    return all(t.shape == p.shape and t.stride() == p.stride() for t in others)
+
+
+def _dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of the dims is contiguous (e.g. a transpose, channels_last)."""
+    expected = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape, t.stride()) if sz != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def adamw(*args, impl: str = "auto", **kwargs) -> None:
     """Dispatch to a kernel: ``impl`` in ``{"auto", "fused", "foreach", "reference"}``.
 
-    ``auto`` picks ``fused`` where :func:`fused_supported` says so, else ``foreach``.
+    ``auto`` picks ``fused`` where :func:`fused_supported` says so and every param, grad and moment share one dense
+    layout (same strides: :func:`_fused_layout_ok`), else ``foreach`` -- as ``torch.optim`` never picks fused by
+    itself. ``fused`` asked for explicitly with tensors of mismatched layouts runs on contiguous copies of those,
+    written back into the params and moments afterwards.
     """
-    if impl == "auto":
-        params = args[0] if args else kwargs["params"]
-        if not params:
+    if len(args) > len(_TENSOR_ARGS):
+        raise TypeError(f"adamw() takes {len(_TENSOR_ARGS)} positional tensor lists, got {len(args)} positional args")
+    kwargs = {**dict(zip(_TENSOR_ARGS, args)), **kwargs}
+    params = kwargs["params"]
+    if impl not in ("auto", *KERNELS):
+        raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(KERNELS)}")
+    if not params:
+        return
+    lists = [kwargs[k] for k in _TENSOR_ARGS[:4]]
+    if impl in ("auto", "fused"):
+        odd = [i for i, ts in enumerate(zip(*lists)) if not _fused_layout_ok(*ts)]
+        if impl == "auto":
+            impl = "fused" if not odd and fused_supported(params[0].device, params[0].dtype) else "foreach"
+        elif odd:
+            copies = [list(ts) for ts in lists]
+            for i in odd:
+                for ts in copies:
+                    ts[i] = ts[i].contiguous()
+            kwargs.update(zip(_TENSOR_ARGS, copies))
+            adamw_fused(**kwargs)
+            back = (0, 2, 3)  # params, exp_avgs, exp_avg_sqs were updated (grads only read)
+            torch._foreach_copy_([lists[k][i] for k in back for i in odd], [copies[k][i] for k in back for i in odd])
             return
-        impl = "fused" if fused_supported(params[0].device, params[0].dtype) else "foreach"
-    try:
-        kernel = KERNELS[impl]
-    except KeyError:
-        raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(KERNELS)}") from None
-    kernel(*args, **kwargs)
+    KERNELS[impl](**kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------- LOMO
@@ -248,23 +300,32 @@ def sgd(
     decay: str = "decoupled",
     lr_max: float | None = None,
     grad_scale: float | Tensor | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
     r"""The LOMO rule (Lv et al., 2024): plain SGD, :math:`\theta \leftarrow \theta - \gamma_t g`, with the
     same three decay modes as AdamW (LOMO itself decays decoupled: :math:`\theta(1 - \gamma_t\lambda)` first).
-    Foreach ops; ``steps`` are counted (no bias correction needs them, checkpoints and schedules do)."""
+    Foreach ops; ``steps`` are counted (no bias correction needs them, checkpoints and schedules do).
+    ``found_inf`` (0-d, 0 or 1) skips the update on the device: the step size and the decay become 0."""
     if decay not in DECAY_MODES:
         raise ValueError(f"Unknown decay mode {decay!r}; expected one of {DECAY_MODES}")
     if not params:
         return
-    torch._foreach_add_(steps, 1)
     if grad_scale is not None:
-        grads = torch._foreach_div(grads, _scalar(grad_scale))
-    if weight_decay != 0:
-        if decay == "l2":
-            grads = torch._foreach_add(grads, params, alpha=weight_decay)
-        else:
-            torch._foreach_mul_(params, 1 - lr * effective_weight_decay(decay, weight_decay, lr_max))
-    torch._foreach_add_(params, grads, alpha=-lr)
+        grads = torch._foreach_div(grads, grad_scale if isinstance(grad_scale, Tensor) else float(grad_scale))
+    if weight_decay != 0 and decay == "l2":
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    w = effective_weight_decay(decay, weight_decay, lr_max) if weight_decay != 0 and decay != "l2" else 0.0
+    if found_inf is None:
+        torch._foreach_add_(steps, 1)
+        if w:
+            torch._foreach_mul_(params, 1 - lr * w)
+        torch._foreach_add_(params, grads, alpha=-lr)
+        return
+    keep = 1.0 - found_inf.to(device=params[0].device, dtype=torch.float32)
+    torch._foreach_add_(steps, [keep] * len(steps))
+    if w:
+        torch._foreach_mul_(params, 1.0 - lr * w * keep)
+    torch._foreach_add_(params, torch._foreach_mul(grads, -lr * keep))
 
 
 # -------------------------------------------------------------------------------------------------- AdaLomo

@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import functional as F
 from .comm import Comm
+from .control import Control
 from .engine import Bucket, GradEngine
 from .layout import plan_buckets
 from .schedules import WdSchedule, WdScheduleMixin
@@ -75,6 +76,18 @@ def _weak_release(opt: "ShardedAdamW"):
         return o is None or o._check_plain()
 
     return check
+
+
+def _weak_moved(opt: "ShardedAdamW"):
+    """The engine's callback after a bucket moved device, holding the optimizer weakly."""
+    ref = weakref.ref(opt)
+
+    def moved(bucket):
+        o = ref()
+        if o is not None:
+            o._on_bucket_moved(bucket)
+
+    return moved
 
 
 def _weak_apply(opt: "ShardedAdamW"):
@@ -132,9 +145,10 @@ def _validate_hyper(group: dict, where: str = "") -> None:
             raise ValueError(f"ShardedAdamW does not implement {key}={group[key]!r}{where}; remove it from the group")
 
 
-def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
-    """sum(t.square().sum()) over the tensors, as a float64 CPU scalar: ``dot`` (BLAS, one read at full memory
-    bandwidth) for fp32/fp64, ``_foreach_norm`` accumulating in fp32 for half precision."""
+def _sum_of_squares(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """sum(t.square().sum()) over the tensors, as a 0-d float64 tensor on ``device`` (no host read): ``dot``
+    (BLAS, one read at full memory bandwidth) for fp32/fp64, ``_foreach_norm`` accumulating in fp32 for half
+    precision."""
     parts = []
     wide = [t.reshape(-1) for t in tensors if t.dtype in (torch.float32, torch.float64) and t.numel()]
     narrow = [t for t in tensors if t.dtype not in (torch.float32, torch.float64) and t.numel()]
@@ -143,13 +157,19 @@ def _sum_of_squares(tensors: list[Tensor]) -> Tensor:
     if narrow:
         parts.append(torch.stack(torch._foreach_norm(narrow, 2, dtype=torch.float32)).double().square().sum())
     if not parts:
-        return torch.zeros((), dtype=torch.float64)
-    return sum(parts).cpu()
+        return torch.zeros((), dtype=torch.float64, device=device)
+    out = sum(parts)
+    return out if out.device == device else out.to(device)
 
 
 def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str) -> None:
     """One unsharded AdamW step over ``param_groups`` with torch-style per-param ``state`` (lazily created): what
-    :class:`zeroadamw.AdamW` does, and ShardedAdamW when another system partitions (DeepSpeed's client)."""
+    :class:`zeroadamw.AdamW` does, and ShardedAdamW when another system partitions (DeepSpeed's client).
+
+    As in ``torch.optim``: complex params are updated as real views (param, grad and moments through
+    ``torch.view_as_real``; the state stays complex), and a ``step`` that is not a 0-d float32 tensor on the param's
+    device (a Python float from an old state dict) is converted first. Params, grads and moments of any strides
+    are fine: :func:`zeroadamw.functional.adamw` sends mismatched layouts past the fused kernel."""
     for group in param_groups:
         by_kind: dict[tuple, tuple[list, ...]] = {}
         for p in group["params"]:
@@ -162,8 +182,14 @@ def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str) -> No
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            lists = by_kind.setdefault((p.device, p.dtype), ([], [], [], [], []))
-            for lst, t in zip(lists, (p, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"])):
+            step = st["step"]
+            if not isinstance(step, Tensor) or step.dtype != torch.float32 or step.device != p.device:
+                st["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device)
+            tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
+            if p.is_complex():
+                tensors = tuple(torch.view_as_real(t) for t in tensors)
+            lists = by_kind.setdefault((p.device, tensors[0].dtype), ([], [], [], [], []))
+            for lst, t in zip(lists, (*tensors, st["step"])):
                 lst.append(t)
         beta1, beta2 = group["betas"]
         for params, grads, m, v, steps in by_kind.values():
@@ -301,11 +327,15 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm  # (a property: with step_in_backward it picks fused vs exact clipping)
         self.grad_norm_tensor = torch.zeros((), dtype=torch.float32)  # grad_norm as a 0-d tensor, updated in place
         self.engine.release_check = _weak_release(self)
+        self.engine.on_moved = _weak_moved(self)
         self._plain = False  # another system (DeepSpeed ZeRO) partitions: act as a plain AdamW over param_groups
         self.skipped_buckets = 0
-        self._bucket_skipped = False
-        self._applied_sumsq = torch.zeros((), dtype=torch.float64)
-        self._applied_group_sq: dict[int, float] = {}
+        self._control: Control | None = None
+        # fused step in backward: per-group Σ grad² and the count of non-finite buckets already applied this step,
+        # accumulated on the device (read once, in step()'s packed control read)
+        self._applied_sq: Tensor | None = None
+        self._applied_bad: Tensor | None = None
+        self._state_loaded = False  # state came from load_state_dict / zeroadamw.checkpoint (resume check)
         self.group_grad_norms: list[float] = []
         self.grad_norm: float | None = None
         self.last_step_skipped = False
@@ -318,6 +348,7 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         self._master_stale: set[Tensor] = set()  # low-precision params whose master must be (re)read from the param
         self._layout_signature: list = []
         super().__init__(params, defaults)
+        self.control  # noqa: B018 - build the control plane now that the params' device is known
         self._check_same_layout(self._layout_signature)
         self._constructed = True
         if not self.engine.buckets:
@@ -420,22 +451,24 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         """Every rank must build the same buckets, or collectives would pair up different data."""
         if self.comm.world_size == 1:
             return
-        h = zlib.crc32(repr(signature).encode())
-        t = torch.tensor([h, -h], dtype=torch.int64, device=self._collective_device())
-        self.comm.all_reduce(t, op=torch.distributed.ReduceOp.MAX, label="control")
-        if t[0].item() != h or t[1].item() != -h:
+        if not self.control.check_same(zlib.crc32(repr(signature).encode())):
             raise ValueError(
                 "ranks built different parameter layouts: every rank must pass the same parameters (same shapes, "
                 "dtypes, requires_grad and group order) to the optimizer"
             )
 
-    def _collective_device(self) -> torch.device:
-        """Where small control tensors live for this backend (NCCL needs CUDA tensors, gloo takes CPU ones)."""
-        if "nccl" in self.comm.backend:
-            if self._device is not None and self._device.type == "cuda":
-                return self._device
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+    @property
+    def control(self) -> Control:
+        """The control plane (:mod:`zeroadamw.control`): small collectives on the params' device."""
+        if self._control is None:
+            self._control = Control(self.comm, self._device)
+            self.engine.control = self._control
+        return self._control
+
+    def _mark_state_loaded(self) -> None:
+        """Called by load_state_dict and zeroadamw.checkpoint.load: the state is a resumed one, not fresh."""
+        self._state_loaded = True
+        self._resume_checked = True
 
     # ------------------------------------------------------------------------------------------- accumulation
     @contextlib.contextmanager
@@ -479,22 +512,33 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
             self.state[p] = st
 
     def _relocate_if_needed(self) -> None:
+        """The model moved after the optimizer was built: buckets, state and control tensors follow it (the
+        engine does the same when a moved gradient arrives first; either way :meth:`_on_bucket_moved` runs)."""
         for bucket in self.engine.buckets:
             dev = bucket.params[0].device
             if dev != bucket.device:
                 bucket.to_device(dev)
-                self._device = dev
-                for i, p in enumerate(bucket.params):
-                    if p in self.state:
-                        st = self.state[p]
-                        st["step"] = st["step"].to(dev)
-                        st["exp_avg"] = bucket.shard_view(bucket.exp_avg, i)
-                        st["exp_avg_sq"] = bucket.shard_view(bucket.exp_avg_sq, i)
-                        if bucket.master is not None:
-                            st["master"] = bucket.shard_view(bucket.master, i)
-                        for k in ("exp_avg_sq_row", "exp_avg_sq_col") + (("exp_avg_sq",) if self.rule == "adalomo" else ()):
-                            if k in st:
-                                st[k] = st[k].to(dev)
+
+    def _on_bucket_moved(self, bucket: Bucket) -> None:
+        """Re-bind ``self.state`` of a bucket that moved device: views of its flat state again, the rest moved."""
+        dev = bucket.device
+        self._device = dev
+        if self._control is not None:
+            self._control.follow(dev)
+        for name in ("_applied_sq", "_applied_bad"):
+            t = getattr(self, name)
+            if t is not None and t.device != dev:
+                setattr(self, name, t.to(dev))
+        for i, p in enumerate(bucket.params):
+            st = self.state.get(p)
+            if not st:
+                continue
+            for k, t in list(st.items()):
+                flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
+                if isinstance(flat, Tensor) and not (k == "exp_avg_sq" and self.rule == "adalomo"):
+                    st[k] = bucket.shard_view(flat, i)
+                elif isinstance(t, Tensor) and t.device != dev:
+                    st[k] = t.to(dev)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: ``exp_avg`` + ``exp_avg_sq`` (+ master) of its shard (AdamW);
@@ -545,45 +589,36 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         if not self._resume_checked:
             self._warn_if_resumed_without_state()
 
-        scale = self._loss_scale(grad_scaler)
+        scale = self._loss_scale(grad_scaler)  # a 0-d device tensor, or None
         if engine.fused and scale is not None:
             local_errors.append((RuntimeError, (
                 "step_in_backward without max_grad_norm updates each bucket during backward, before the loss "
                 "scale is known; with fp16 + GradScaler use step_in_backward=True with max_grad_norm=... (the "
                 "update then waits for step()), or bf16 without a scaler")))
         errors = local_errors + engine.errors
-        group_sq, presence = self._local_stats()
-        group_sq = group_sq + self._applied_sumsq_groups(len(group_sq))
-        sumsq = group_sq.sum()
-        flushed = engine.flushed_flags()
-        # one small all-reduce: [Σ shard grad², error flag, presence per param, flushed per bucket, Σ grad² per group]
-        stats = torch.cat([sumsq.reshape(1), torch.tensor([float(bool(errors))], dtype=torch.float64), presence,
-                           torch.tensor(flushed, dtype=torch.float64), group_sq])
-        if self.comm.world_size > 1:
-            stats = stats.to(self._collective_device())
-            self.comm.all_reduce(stats, label="control")
-        stats = stats.cpu()
-        if stats[1].item() > 0:
+        agreed = self._agree_step(errors, scale)  # the one packed all-reduce and the one host read of this step
+        if agreed["error"]:
             self._raise_agreed(errors)
-        n_present, n_flushed, n_groups = presence.numel(), len(flushed), len(group_sq)
-        total_sq = stats[0].item()
-        present = self._agree_presence((stats[2 : 2 + n_present] > 0).tolist())
-        engine.demote((stats[2 + n_present : 2 + n_present + n_flushed] > 0).tolist())
-        group_totals = stats[2 + n_present + n_flushed :].tolist()
+        present = agreed["present"]
+        engine.demote(agreed["flushed"])
+        scale_f = agreed["scale"]
+        totals = agreed["group_sq"]
+        total_sq = sum(totals)
         norm = math.sqrt(total_sq) if math.isfinite(total_sq) else float("nan")
-        if scale is not None:
-            norm /= scale
-        if self._bucket_skipped:
+        if scale_f is not None:
+            norm /= scale_f
+        if agreed["applied_bad"] or agreed["found_inf"]:
             norm = float("nan")  # part of this step's gradient was not finite (those buckets were skipped)
+            self.skipped_buckets += int(agreed["applied_bad"])
         self.grad_norm = norm
         self.grad_norm_tensor.fill_(norm)
-        self.group_grad_norms = [math.sqrt(t) / (scale or 1.0) if math.isfinite(t) else float("nan") for t in group_totals]
+        self.group_grad_norms = [math.sqrt(t) / (scale_f or 1.0) if math.isfinite(t) else float("nan") for t in totals]
         finite = math.isfinite(norm)
-        self._bucket_skipped = False
-        self._applied_sumsq = torch.zeros((), dtype=torch.float64)
-        self._applied_group_sq = {}
+        self._reset_applied()
         if grad_scaler is not None and grad_scaler.is_enabled():
             self._report_found_inf(grad_scaler, not finite)
+        elif self._attached_scaler is not None:
+            self._report_found_inf(self._attached_scaler, not finite)
         self.last_step_skipped = not finite
         if not finite:
             self.skipped_steps += 1
@@ -591,8 +626,9 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
             return loss
 
         coef = F.clip_coefficient(norm, self.max_grad_norm)
-        divide = (scale if scale is not None else 1.0) / coef
-        grad_scale = None if divide == 1.0 else divide
+        divide = (scale_f if scale_f is not None else 1.0) / coef
+        # one 0-d device tensor per step (a fill, no host-to-device copy), shared by every bucket's kernel
+        grad_scale = None if divide == 1.0 else torch.full((), divide, dtype=torch.float32, device=self._device)
 
         pos = 0
         pending = None
@@ -613,41 +649,134 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         self._advance_wd_schedule()
         return loss
 
+    # ------------------------------------------------------------------------------------- agreement (control)
+    def _agree_step(self, errors: list, scale: Tensor | None) -> dict[str, Any]:
+        """Everything the ranks must agree on at ``step()``, in one all-reduce over the world group (plus one per
+        expert group for the presence of its buckets' params) and one host read:
+
+        ``[Σ shard grad² per group, error flag, found_inf (GradScaler's attribute protocol), presence per param
+        of world buckets, flushed flag per launch-order bucket, non-finite buckets applied in backward]``, then,
+        unreduced, the presence agreed within each expert group and the loss scale."""
+        ctl, engine = self.control, self.engine
+        dev = ctl.device
+        group_sq = self._local_group_sq()
+        if self._applied_sq is not None:
+            group_sq = group_sq + self._applied_sq.to(dev)
+        world_flags, other = [], {}
+        for bucket in engine.buckets:
+            if bucket.comm is self.comm:
+                world_flags.extend(bucket.present)
+            else:
+                other.setdefault(id(bucket.comm), (bucket.comm, []))[1].extend(bucket.present)
+        flushed = engine.flushed_flags()
+        found = getattr(self, "found_inf", None)
+        parts = [group_sq,
+                 ctl.host_vector([float(bool(errors))], torch.float64),
+                 (found.to(dev, torch.float64).reshape(1) if isinstance(found, Tensor)
+                  else ctl.host_vector([float(bool(found))], torch.float64)),
+                 ctl.host_vector(world_flags, torch.float64),
+                 ctl.host_vector(flushed, torch.float64),
+                 (self._applied_bad.to(dev, torch.float64).reshape(1) if self._applied_bad is not None
+                  else ctl.host_vector([0.0], torch.float64))]
+        stats = torch.cat(parts)
+        after = []
+        for comm, flags in other.values():  # expert groups: agree within the group (its ranks hold the same tensors)
+            after.append(ctl.all_reduce_packed(ctl.host_vector(flags, torch.float64, ctl.device_for(comm)).clone(),
+                                               comm=comm).to(dev))
+        ctl.all_reduce_packed(stats)
+        if scale is not None:
+            after.append(scale.to(dev, torch.float64).reshape(1))
+        host = torch.cat([stats, *after]).tolist() if after else stats.tolist()  # THE host read of the step
+        G = len(group_sq)
+        k = G + 2
+        world_present = [x > 0 for x in host[k : k + len(world_flags)]]
+        k += len(world_flags)
+        flushed_any = [x > 0 for x in host[k : k + len(flushed)]]
+        k += len(flushed)
+        applied_bad = host[k]
+        k += 1
+        agreed_other = {}
+        for cid, (comm, flags) in other.items():
+            agreed_other[cid] = [x > 0 for x in host[k : k + len(flags)]]
+            k += len(flags)
+        present, wi, oi = [], 0, {cid: 0 for cid in other}
+        for bucket in engine.buckets:  # back to update order
+            n = len(bucket.params)
+            if bucket.comm is self.comm:
+                present.extend(world_present[wi : wi + n])
+                wi += n
+            else:
+                cid = id(bucket.comm)
+                present.extend(agreed_other[cid][oi[cid] : oi[cid] + n])
+                oi[cid] += n
+        return {"group_sq": host[:G], "error": host[G] > 0, "found_inf": host[G + 1] > 0, "present": present,
+                "flushed": flushed_any, "applied_bad": applied_bad, "scale": host[k] if scale is not None else None}
+
+    def _reset_applied(self) -> None:
+        if self._applied_sq is not None:
+            self._applied_sq.zero_()
+            self._applied_bad.zero_()
+
     def _apply_in_backward(self, bucket: Bucket):
         """Fused step in backward: ``bucket``'s reduced gradient of the last micro-batch is ready -- agree with the
-        other ranks on which of its params got a gradient and whether it is finite, update the owned shard now,
-        and start the all-gather. Returns the gather handle (the engine waits for it)."""
-        flags = torch.tensor(bucket.present + [0.0], dtype=torch.float32)
+        other ranks on which of its params got a gradient and whether it is finite (one small all-reduce whose
+        result stays on the device), update the owned shard now (a non-finite bucket is skipped by the kernel's
+        ``found_inf``, on the device), and start the all-gather. No host read. Returns the gather handle."""
+        n = len(bucket.params)
+        dev = bucket.device
+        ctl = self.control
         held = bucket.reduced_grads()
-        if held:
-            sq = _sum_of_squares(held)
-            flags[-1] = 0.0 if math.isfinite(sq.item()) else 1.0
-            if math.isfinite(sq.item()):
-                self._applied_sumsq += sq
-                gi = bucket.group_index
-                self._applied_group_sq[gi] = self._applied_group_sq.get(gi, 0.0) + float(sq)
-        if bucket.comm.world_size > 1:
-            flags = flags.to(self._collective_device())
-            bucket.comm.all_reduce(flags, label="control")
-            flags = flags.cpu()
-        present = (flags[:-1] > 0).tolist()
+        sq = _sum_of_squares(held, dev)
+        cdev = ctl.device_for(bucket.comm)
+        flags = torch.cat([ctl.host_vector(bucket.present, torch.float32, cdev),
+                           (~torch.isfinite(sq)).to(device=cdev, dtype=torch.float32).reshape(1)])
+        ctl.all_reduce_packed(flags, comm=bucket.comm)
+        flags = flags.to(dev)
+        bad = (flags[n] > 0).to(torch.float32)
         bucket.applied = True
-        if flags[-1].item() > 0:  # non-finite somewhere in this bucket, on some rank: skip it everywhere
-            self.skipped_buckets += 1
-            self._bucket_skipped = True
-            bucket.release_grads()
-            return None
+        if self._applied_sq is None:
+            self._applied_sq = torch.zeros(len(self.param_groups), dtype=torch.float64, device=dev)
+            self._applied_bad = torch.zeros((), dtype=torch.float64, device=dev)
+        elif len(self._applied_sq) < len(self.param_groups):
+            self._applied_sq = torch.cat([self._applied_sq, self._applied_sq.new_zeros(
+                len(self.param_groups) - len(self._applied_sq))])
+        self._applied_sq[bucket.group_index] += sq
+        self._applied_bad += bad
         if not self._state_ready:
             self._init_state()
         if not self._resume_checked:
             self._warn_if_resumed_without_state()
-        if not any(present):
-            bucket.release_grads()
-            return None
-        self._update_bucket(bucket, present, None)
-        handle = self.engine.gather_params(bucket, [i for i in range(len(present)) if present[i]])
+        if self.rule == "adalomo":  # its per-parameter scalars are read on the host: one read per bucket
+            present = (flags[:n] > 0).tolist()
+            if bad.item() or not any(present):
+                bucket.release_grads()
+                return None
+            self._update_bucket(bucket, present, None)
+            handle = self.engine.gather_params(bucket, [i for i in range(n) if present[i]])
+        else:
+            self._update_bucket_masked(bucket, flags[:n], bad)
+            handle = self.engine.gather_params(bucket, list(range(n)))
         bucket.release_grads()  # the gradient memory goes right here
         return handle
+
+    def _update_bucket_masked(self, bucket: Bucket, counts: Tensor, bad: Tensor) -> None:
+        """The update of :meth:`_update_bucket` with presence and finiteness known only on the device: params
+        this rank saw a gradient for (so present everywhere) share one kernel call skipped by ``bad``; the others
+        (rare: unused here) get one call each, skipped when no rank had a gradient either."""
+        group = self.param_groups[bucket.group_index]
+        here = [i for i in range(len(bucket.params)) if bucket.present[i]]
+        elsewhere = [i for i in range(len(bucket.params)) if not bucket.present[i]]
+        calls = [(here, bad)] if here else []
+        if elsewhere:
+            absent = torch.logical_or(bad > 0, counts == 0).to(torch.float32)
+            calls += [([i], absent[i]) for i in elsewhere]
+        for idx, skip in calls:
+            owned = [i for i in idx if bucket.layout.slots[i].owned]
+            lonely = [self.state[bucket.params[i]]["step"] for i in idx if not bucket.layout.slots[i].owned]
+            if lonely:  # present somewhere, none of it owned here: keep the replicated step count in sync
+                torch._foreach_add_(lonely, [1.0 - skip] * len(lonely))
+            if owned:
+                self._kernel(bucket, owned, group, None, skip)
 
     # ------------------------------------------------------------------------------------------- plain mode
     def _check_plain(self) -> bool:
@@ -678,14 +807,6 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
     def _plain_step(self) -> None:
         plain_adamw_step(self.param_groups, self.state, self.impl, "ShardedAdamW as DeepSpeed's client optimizer")
 
-    def _applied_sumsq_groups(self, n: int) -> Tensor:
-        """Per-group Σ grad² of the buckets already applied in backward (fused step in backward)."""
-        return torch.tensor([self._applied_group_sq.get(i, 0.0) for i in range(n)], dtype=torch.float64)
-
-    def _agree_presence(self, present: list[bool]) -> list[bool]:
-        """Hook for optimizers with buckets over other process groups (SparseAdamW's expert groups)."""
-        return present
-
     def _local_checks(self) -> list[tuple[type, str]]:
         """Problems this rank can see before any collective; reported with the others' in the control all-reduce."""
         errors = []
@@ -705,28 +826,18 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
     def _raise_agreed(self, errors: list[tuple[type, str]]) -> None:
         """Some rank found a problem: every rank raises (nothing was changed), with the first rank's message."""
         self.engine.clear()
-        found = [errors]
-        if self.comm.world_size > 1:
-            import torch.distributed as dist
-
-            found = [None] * self.comm.world_size
-            dist.all_gather_object(found, errors, group=self.comm.group)
-        for r, errs in enumerate(found):
-            if errs:
-                exc_type, msg = errs[0]
-                where = f" (reported by rank {r})" if self.comm.world_size > 1 else ""
-                raise exc_type(msg + where)
-        raise RuntimeError("a rank reported an error in ShardedAdamW.step() but sent no message")
+        self._reset_applied()
+        self.control.agree_errors(errors)
 
     def _warn_if_resumed_without_state(self) -> None:
         """zeroadamw.checkpoint.load(model=..., optimizer=None) marks the params of a model restored from a
         checkpoint that had optimizer state. Starting AdamW fresh there (zero moments, step 1 bias correction
-        on weights trained for thousands of steps) is the classic resume bug: say so, loudly, once."""
+        on weights trained for thousands of steps) is the classic resume bug: say so, loudly, once. (Host-side
+        flags only: this runs at the first update, possibly inside backward.)"""
         self._resume_checked = True
         resumed = [getattr(p, "_zeroadamw_resumed_step", 0) for b in self.engine.buckets for p in b.params]
         step = max(resumed, default=0)
-        fresh = all(float(st["step"].max()) == 0 for st in self.state.values() if st["step"].numel())
-        if step > 0 and fresh:
+        if step > 0 and not self._state_loaded:
             msg = (
                 f"zeroadamw: this model was restored from a checkpoint saved at optimizer step {step:g}, but the "
                 "optimizer starts with FRESH state (zero moments). Resuming like this usually makes training "
@@ -741,21 +852,32 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
                 if hasattr(p, "_zeroadamw_resumed_step"):
                     delattr(p, "_zeroadamw_resumed_step")
 
-    def _loss_scale(self, grad_scaler) -> float | None:
-        """The loss scale still in the gradients (None: unscaled)."""
+    # --------------------------------------------------------------------------------------------- GradScaler
+    _attached_scaler = None
+
+    def attach_grad_scaler(self, scaler) -> None:
+        """Tell the optimizer which ``torch.amp.GradScaler`` drives it, for GradScaler's attribute protocol
+        (``optimizer.grad_scale`` / ``optimizer.found_inf`` set before ``step()``, which torch uses when ``step``
+        has no ``grad_scaler`` argument -- e.g. behind a wrapper -- and will use for every optimizer): the global
+        inf check is then written back into the scaler's state so every rank backs off together."""
+        self._attached_scaler = scaler
+
+    def _loss_scale(self, grad_scaler) -> Tensor | None:
+        """The loss scale still in the gradients, as a 0-d tensor on its device (None: unscaled). No host read."""
         if grad_scaler is None or not grad_scaler.is_enabled():
             new_contract = getattr(self, "grad_scale", None)  # GradScaler set it and called step() without itself
             if new_contract is None:
                 return None
-            if not (self.comm.world_size == 1 or self.engine.grads_reduced):
+            visible = self.comm.world_size == 1 or self.engine.grads_reduced
+            if not visible and self._attached_scaler is None:
                 raise RuntimeError(
-                    "GradScaler called ShardedAdamW.step() without passing itself (a wrapper hides step's "
-                    "grad_scaler argument -- accelerate's patched optimizer step does). With gradients reduced "
-                    "inside the optimizer, every rank's inf check must agree and the scaler must be told the global "
-                    "result, which needs the scaler: call scaler.step(optimizer) on the optimizer itself, or expose "
-                    "the argument (functools.update_wrapper(wrapper, optimizer.step))."
+                    "GradScaler called ShardedAdamW.step() without passing itself (its attribute protocol, used "
+                    "behind wrappers such as accelerate's patched step). With gradients reduced inside the "
+                    "optimizer, every rank's inf check must agree and the scaler must be told the global result: "
+                    "call opt.attach_grad_scaler(scaler) once after building both."
                 )
-            return float(new_contract)
+            t = new_contract if isinstance(new_contract, Tensor) else torch.full((), float(new_contract))
+            return t.to(self._device, torch.float32)
         from torch.amp.grad_scaler import OptState
 
         state = grad_scaler._per_optimizer_states[id(self)]
@@ -763,30 +885,29 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         visible = self.comm.world_size == 1 or self.stage == 1 or self.engine.packed_at_step
         if state["stage"] is OptState.UNSCALED and visible:
             return None
-        return float(grad_scaler._get_scale_async().item())
+        return grad_scaler._get_scale_async().to(self._device, torch.float32)
 
     def _report_found_inf(self, grad_scaler, found: bool) -> None:
         state = grad_scaler._per_optimizer_states[id(self)]
-        dev = grad_scaler._scale.device
+        dev = grad_scaler._scale.device if grad_scaler._scale is not None else self._device
         state["found_inf_per_device"] = {dev: torch.full((), float(found), dtype=torch.float32, device=dev)}
 
-    def _local_stats(self) -> tuple[Tensor, Tensor]:
-        """This rank's share of the squared gradient norm of each param group, and a 0/1 flag per bucketed param:
-        got a gradient. (The first return value has one entry per group.)"""
+    def _local_group_sq(self) -> Tensor:
+        """This rank's share of the squared gradient norm of each param group: a ``[G]`` float64 device tensor."""
         engine = self.engine
+        dev = self.control.device
         per_group: list[list[Tensor]] = [[] for _ in self.param_groups]
-        flags: list[bool] = []
         for bucket in engine.buckets:
-            flags.extend(bucket.present)
             if engine.sharded(bucket):
                 per_group[bucket.group_index].extend(bucket.reduced_grads())
             else:
                 idx = [i for i, s in enumerate(bucket.layout.slots) if bucket.present[i] and s.owned]
                 per_group[bucket.group_index].extend(engine.grad_views(bucket, idx))
-        sums = torch.stack([_sum_of_squares(t) for t in per_group]) if per_group else torch.zeros(0, dtype=torch.float64)
-        return sums, torch.tensor(flags, dtype=torch.float64)
+        if not per_group:
+            return torch.zeros(0, dtype=torch.float64, device=dev)
+        return torch.stack([_sum_of_squares(t, dev) for t in per_group])
 
-    def _update_bucket(self, bucket: Bucket, present: list[bool], grad_scale: float | None) -> None:
+    def _update_bucket(self, bucket: Bucket, present: list[bool], grad_scale: Tensor | None) -> None:
         group = self.param_groups[bucket.group_index]
         if self.rule == "adalomo":  # every rank with a present param takes part in its (small) all-reduces
             self._refresh_master(bucket, [i for i in range(len(present)) if present[i]])
@@ -801,8 +922,12 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
                 lonely_steps.append(self.state[bucket.params[i]]["step"])
         if lonely_steps:
             torch._foreach_add_(lonely_steps, 1)
-        if not idx:
-            return
+        if idx:
+            self._kernel(bucket, idx, group, grad_scale, None)
+
+    def _kernel(self, bucket: Bucket, idx: list[int], group: dict, grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:
+        """The rule's update kernel over the owned parts of params ``idx`` of ``bucket`` (master or param)."""
         self._refresh_master(bucket, idx)
         target = bucket.master if bucket.master is not None else None
         params = [bucket.shard_view(target, i) if target is not None else bucket.owned_param_view(i) for i in idx]
@@ -811,7 +936,7 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
             grads = [g.to(params[0].dtype) for g in grads]
         steps = [self.state[bucket.params[i]]["step"] for i in idx]
         common = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], decay=group["decay"],
-                      lr_max=_lr_max(group), grad_scale=grad_scale)
+                      lr_max=_lr_max(group), grad_scale=grad_scale, found_inf=found_inf)
         if self.rule == "lomo":
             F.sgd(params, grads, steps, **common)
             return
@@ -975,39 +1100,21 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         SparseAdamW's row-sharded params: ``step`` per row and ``decay_mark`` per row.)
         Every rank receives the full state, so this costs the full unsharded state in memory; for large models
         use :mod:`zeroadamw.checkpoint`.
+
+        The hooks of ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` run as in
+        ``torch.optim.Optimizer.state_dict``: pre-hooks first, post-hooks on the result (a post-hook's return value,
+        when not None, replaces it).
         """
         if self._check_plain():
-            return torch.optim.Optimizer.state_dict(self)
-        self._relocate_if_needed()
-        index = {p: k for k, p in enumerate(self._index())}
-        state: dict[int, dict[str, Tensor]] = {}
-        if self._state_ready:
-            for bucket in self.engine.buckets:
-                kinds: dict[tuple[str, str], torch.dtype] = {}
-                for p in bucket.params:
-                    for k, (how, t) in self._state_kinds(p).items():
-                        if how in ("range", "rows"):
-                            kinds.setdefault((k, how), t.dtype)
-                gathered = {k: self._gather_kind(bucket, k, how, dtype) for (k, how), dtype in kinds.items()}
-                for i, p in enumerate(bucket.params):
-                    s = bucket.layout.slots[i]
-                    entry = {}
-                    for k, (how, t) in self._state_kinds(p).items():
-                        if how == "range":
-                            entry[k] = gathered[k][s.offset : s.offset + s.numel].view_as(p).clone()
-                        elif how == "rows":
-                            entry[k] = gathered[k][: p.shape[0]].clone()
-                        else:
-                            entry[k] = t.detach().clone()
-                    if float(entry["step"].max()) == 0:
-                        continue  # never updated: no state, as in torch
-                    state[index[p]] = entry
-        groups = []
-        for group in self.param_groups:
-            g = {k: v for k, v in group.items() if k not in ("params", "process_group")}
-            g["params"] = [index[p] for p in group["params"]]
-            groups.append(g)
-        return {"state": state, "param_groups": groups}
+            return torch.optim.Optimizer.state_dict(self)  # (runs the hooks itself)
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state_dict = self._consolidated_state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        return state_dict
 
     def _gather_flat(self, bucket: Bucket, flat: Tensor) -> Tensor:
         out = torch.empty(bucket.layout.padded, dtype=flat.dtype, device=flat.device)
@@ -1017,12 +1124,31 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``torch.optim.AdamW``-format state (ours or torch's) on every rank, at any world size.
 
-        Each rank keeps only the shard it owns. Everything is validated before anything is changed.
+        Each rank keeps only the shard it owns. Everything is validated before anything is changed. Keys torch's
+        groups lack (``decay``, ``initial_lr``, the weight-decay schedule's) keep this optimizer's current values;
+        a float ``step`` (old torch state dicts) is accepted.
+
+        The hooks of ``register_load_state_dict_pre_hook`` / ``register_load_state_dict_post_hook`` run as in
+        ``torch.optim.Optimizer.load_state_dict``: pre-hooks get a shallow copy of ``state_dict`` and may edit it or
+        return a replacement (used from then on); post-hooks run after loading.
         """
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+        if not isinstance(state_dict, dict):
             raise ValueError("expected a torch.optim state dict with 'state' and 'param_groups' keys")
         if self._check_plain():
-            return torch.optim.Optimizer.load_state_dict(self, state_dict)
+            return torch.optim.Optimizer.load_state_dict(self, state_dict)  # (hooks; then our __setstate__)
+        state_dict = state_dict.copy()  # shallow, as torch: what pre-hooks edit at the top level stays theirs
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        self._load_consolidated(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_consolidated(self, state_dict: dict[str, Any]) -> None:
+        """:meth:`load_state_dict` without its hooks."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("expected a torch.optim state dict with 'state' and 'param_groups' keys")
         self._relocate_if_needed()
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
@@ -1067,6 +1193,8 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
                         f"than this optimizer's rule={self.rule!r} (or another optimizer class)")
                 t = st[kind]
                 if kind == "step" and how == "scalar" and not isinstance(t, Tensor):
+                    if isinstance(t, bool) or not isinstance(t, (int, float)):
+                        raise ValueError(f"param index {k}: loaded step is {t!r}; expected a number or a 0-d tensor")
                     continue  # a float step (old torch state dicts)
                 want = torch.Size(self._state_shape(p, how, mine))
                 if not isinstance(t, Tensor) or t.shape != want:
@@ -1106,3 +1234,162 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
                     t.copy_(src)
                 if kind == "master":
                     self._master_stale.discard(p)
+
+    def _consolidated_state_dict(self) -> dict[str, Any]:
+        """:meth:`state_dict` without its hooks."""
+        self._relocate_if_needed()
+        index = {p: k for k, p in enumerate(self._index())}
+        state: dict[int, dict[str, Tensor]] = {}
+        if self._state_ready:
+            for bucket in self.engine.buckets:
+                kinds: dict[tuple[str, str], torch.dtype] = {}
+                for p in bucket.params:
+                    for k, (how, t) in self._state_kinds(p).items():
+                        if how in ("range", "rows"):
+                            kinds.setdefault((k, how), t.dtype)
+                gathered = {k: self._gather_kind(bucket, k, how, dtype) for (k, how), dtype in kinds.items()}
+                for i, p in enumerate(bucket.params):
+                    s = bucket.layout.slots[i]
+                    entry = {}
+                    for k, (how, t) in self._state_kinds(p).items():
+                        if how == "range":
+                            entry[k] = gathered[k][s.offset : s.offset + s.numel].view_as(p).clone()
+                        elif how == "rows":
+                            entry[k] = gathered[k][: p.shape[0]].clone()
+                        else:
+                            entry[k] = t.detach().clone()
+                    if float(entry["step"].max()) == 0:
+                        continue  # never updated: no state, as in torch
+                    state[index[p]] = entry
+        groups = []
+        for group in self.param_groups:
+            g = {k: v for k, v in group.items() if k not in ("params", "process_group")}
+            g["params"] = [index[p] for p in group["params"]]
+            groups.append(g)
+        return {"state": state, "param_groups": groups}
+
+    # ------------------------------------------------------------------------------ loading torch-format groups
+    @staticmethod
+    def _completed_groups(saved: list[dict], current: list[dict] | None, defaults: dict, who: str) -> list[dict]:
+        """``saved`` param groups (torch's have no ``decay`` / ``initial_lr`` / weight-decay schedule keys) with the
+        zeroadamw keys they lack taken from ``current`` (this optimizer's groups, None when unpickling), else from
+        ``defaults``; every group validated. Raises before anything is changed."""
+        out = []
+        for gi, sg in enumerate(saved):
+            ng = dict(sg)
+            cur = current[gi] if current is not None and gi < len(current) else {}
+            for k in ("decay", "initial_lr", "initial_weight_decay", "wd_step"):
+                if k not in ng and k in cur:
+                    ng[k] = cur[k]
+            ng.setdefault("decay", defaults.get("decay", "decoupled"))
+            if "initial_lr" not in ng:
+                lr = ng["lr"]
+                ng["initial_lr"] = lr.clone() if isinstance(lr, Tensor) else lr
+            if isinstance(ng.get("betas"), list):
+                ng["betas"] = tuple(ng["betas"])
+            _validate_hyper(ng, f" ({who} param group {gi})")
+            out.append(ng)
+        return out
+
+    @staticmethod
+    def _steps_as_tensors(state: dict) -> None:
+        """A ``step`` that is a Python number (old torch state dicts) or another dtype / device: a 0-d float32
+        tensor on its param's device, as every kernel here wants it."""
+        for p, st in state.items():
+            if not isinstance(p, Tensor) or not isinstance(st, dict) or "step" not in st:
+                continue
+            step = st["step"]
+            if isinstance(step, Tensor):
+                if step.dtype != torch.float32 or step.device != p.device:
+                    st["step"] = step.to(dtype=torch.float32, device=p.device)
+            elif isinstance(step, (int, float)) and not isinstance(step, bool):
+                st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+            else:
+                raise ValueError(f"loaded step is {step!r}; expected a number or a 0-d tensor")
+
+    # ---------------------------------------------------------------------------------- copy.deepcopy / pickle
+    _COPIED_ATTRS = ("grad_norm", "group_grad_norms", "last_step_skipped", "skipped_steps", "skipped_buckets",
+                     "last_step_hparams", "_resume_checked", "_state_loaded")
+
+    def _copy_kwargs(self) -> dict[str, Any]:
+        """The constructor arguments a copy is rebuilt with (deepcopy / pickle). A subclass with another
+        constructor overrides this to support copies."""
+        d = self.defaults
+        kw = dict(lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"], decay=d["decay"],
+                  stage=self.stage, bucket_size=self.bucket_size, master_dtype=self.master_dtype,
+                  max_grad_norm=self.max_grad_norm, grads_reduced=self.engine.grads_reduced,
+                  reduce_dtype=self.reduce_dtype, impl=self.impl, step_in_backward=self.step_in_backward,
+                  rule=self.rule, wd_schedule=self._portable_wd_fn(self._wd_default[0]),
+                  wd_schedule_steps=self._wd_default[1])
+        if self.rule == "adalomo":
+            kw.update(adalomo_eps=d["adalomo_eps"], clip_threshold=d["clip_threshold"], decay_rate=d["decay_rate"])
+        return kw
+
+    @staticmethod
+    def _portable_wd_fn(fn):
+        """A named weight-decay schedule (a closure of :func:`zeroadamw.schedules.resolve_wd_schedule`) as an
+        equivalent picklable ``functools.partial``; anything else unchanged."""
+        from . import schedules
+
+        named = schedules.resolve_wd_schedule("constant", None).__code__
+        if callable(fn) and getattr(fn, "__code__", None) is named and fn.__closure__:
+            cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+            if "name" in cells and "steps" in cells:
+                import functools
+
+                return functools.partial(schedules.wd_multiplier, cells["name"], total=cells["steps"])
+        return fn
+
+    def _holds_gradients(self) -> bool:
+        """Between backward and step(): gradients (or a half-finished backward round) live inside the engine."""
+        engine = self.engine
+        return bool(engine._round_active or any(any(b.present) or b.reduced_grads() for b in engine.buckets))
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For ``copy.deepcopy`` and ``pickle``: the constructor arguments, the param groups (their tensors are
+        copied with the optimizer, as torch's are) and the consolidated state. The copy rebuilds its own engine,
+        buckets and gradient hooks over its params (:meth:`__setstate__`)."""
+        what = f"copy.deepcopy / pickle of a {type(self).__name__}"
+        if type(self).__init__ is not ShardedAdamW.__init__ and type(self)._copy_kwargs is ShardedAdamW._copy_kwargs:
+            raise TypeError(f"{what} is not supported (its constructor is not ShardedAdamW's); build a new optimizer "
+                            "over the copied model and opt2.load_state_dict(opt.state_dict()) instead")
+        if self.comm.world_size > 1:
+            raise TypeError(
+                f"{what} sharded over a process group (world size {self.comm.world_size}) is not supported: each rank "
+                "holds only its shard of the state, and the copy would need the process group; build a new optimizer "
+                "on every rank and opt2.load_state_dict(opt.state_dict()) (or use zeroadamw.checkpoint) instead")
+        if self.comm.group is not None:
+            raise TypeError(f"{what} built with an explicit process_group is not supported (a process group cannot "
+                            "be copied); build a new optimizer and opt2.load_state_dict(opt.state_dict()) instead")
+        if self._check_plain():
+            raise TypeError(f"{what} acting as another system's client optimizer (DeepSpeed replaced its "
+                            "param_groups) is not supported; copy that system's optimizer, or use state_dict()")
+        if self._holds_gradients():
+            raise TypeError(f"{what} between backward and step() is not supported: it holds this step's gradients "
+                            "inside (step_in_backward / stage 2); copy it after step() or zero_grad(), or use "
+                            "state_dict()")
+        groups = []
+        for group, fn in zip(self.param_groups, self._wd_fns):
+            g = {k: v for k, v in group.items() if k != "process_group"}
+            g["wd_schedule"], g["wd_schedule_steps"] = self._portable_wd_fn(fn), None
+            groups.append(g)
+        return {"_zeroadamw_rebuild": 1, "kwargs": self._copy_kwargs(), "param_groups": groups,
+                "state_dict": self._consolidated_state_dict(), "grad_norm_tensor": self.grad_norm_tensor,
+                "attrs": {k: self.__dict__[k] for k in self._COPIED_ATTRS if k in self.__dict__}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if not state.get("_zeroadamw_rebuild"):
+            # torch.optim.Optimizer.load_state_dict installing a loaded state (plain mode): complete torch's groups
+            state = dict(state)
+            if "param_groups" in state:
+                state["param_groups"] = self._completed_groups(
+                    state["param_groups"], self.__dict__.get("param_groups"),
+                    state.get("defaults", self.__dict__.get("defaults", {})), "loaded")
+            if "state" in state:
+                self._steps_as_tensors(state["state"])
+            return super().__setstate__(state)
+        # a copy: a fresh optimizer (engine, buckets, hooks) over the copied params, then the state
+        type(self).__init__(self, state["param_groups"], **state["kwargs"])
+        self._load_consolidated(state["state_dict"])
+        self.grad_norm_tensor.copy_(state["grad_norm_tensor"])
+        self.__dict__.update(state["attrs"])

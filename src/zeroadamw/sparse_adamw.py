@@ -125,19 +125,23 @@ class RowBucket(Bucket):
 
     # ----------------------------------------------------------------------------------------------- reducing
     def launch(self) -> None:
-        # one small all-reduce: [gradient kind, touched mask per row] -- agrees on dense vs COO and on the mask
-        msg = torch.cat([torch.tensor([self.local_kind], dtype=torch.float32, device=self.device),
-                         self.local_touched.to(torch.float32)])
+        # one small all-reduce: [gradient kind, touched mask per row] -- agrees on dense vs COO and on the mask.
+        # The kind is read on the host only until it is known (the first backward that had a gradient anywhere);
+        # after that each rank checks its own kind on the host and the mask stays on the device.
+        kind_t = torch.full((1,), self.local_kind, dtype=torch.float32, device=self.device)
+        msg = torch.cat([kind_t, self.local_touched.to(torch.float32)])
         if self.comm.world_size > 1:
-            dev = self.device if "nccl" in self.comm.backend else torch.device("cpu")
+            dev = self._control_device()
             msg = msg.to(dev)
             self.comm.all_reduce(msg, op=dist.ReduceOp.MAX, label="control")
             msg = msg.to(self.device)
-        kind = float(msg[0])
-        if self.kind is None and kind > 0:
-            self.kind = kind
-        elif kind > 0 and kind != self.kind:
-            raise RuntimeError("a parameter's gradient switched between dense and sparse COO across backward passes")
+        if self.kind is None:
+            kind = float(msg[0]) if self.comm.world_size > 1 else self.local_kind
+            if kind > 0:
+                self.kind = kind
+        if self.local_kind > 0 and self.kind is not None and self.local_kind != self.kind and self.tracker is not None:
+            self.tracker.error(RuntimeError, "a parameter's gradient switched between dense and sparse COO across "
+                               "backward passes; give it the same kind of gradient every step")
         self.touched |= msg[1:] > 0
         self.local_touched.zero_()
         if self.kind == _COO:
@@ -164,13 +168,12 @@ class RowBucket(Bucket):
             vals = torch.zeros(0, self.D, dtype=self.acc_dtype, device=self.device)
         self.coo_in = []
         n = self.comm.world_size
-        if n > 1:
-            counts = torch.tensor([idx.numel()], dtype=torch.int64)
-            if "nccl" in self.comm.backend:
-                counts = counts.to(self.device)
+        if n > 1:  # variable-size exchange: the counts are read on the host (COO gradients only)
+            dev = self._control_device()
+            counts = torch.full((1,), idx.numel(), dtype=torch.int64, device=dev)
             all_counts = torch.empty(n, dtype=counts.dtype, device=counts.device)
             self.comm.all_gather(all_counts, counts, async_op=False)
-            m = int(all_counts.max())
+            m = int(all_counts.max())  # host read (COO only)
             pad_idx = torch.full((m,), -1, dtype=torch.long, device=self.device)
             pad_idx[: idx.numel()] = idx
             pad_vals = torch.zeros(m, self.D, dtype=self.acc_dtype, device=self.device)
@@ -192,26 +195,23 @@ class RowBucket(Bucket):
         if self.tracker is not None:
             self.tracker._count_shard(vals.numel() * vals.element_size())
 
-    def owned_row_grads(self, rows: list[int]) -> list[Tensor]:
-        """The averaged gradient of each owned row in ``rows`` (local row indices): views where possible."""
+    def _control_device(self) -> torch.device:
+        ctl = getattr(self.tracker, "control", None)
+        return ctl.device_for(self.comm) if ctl is not None else self.device
+
+    def owned_rows_dense(self) -> Tensor:
+        """The averaged gradient of the owned rows as a ``[rows, D]`` tensor (a view of the reduced shard for
+        dense gradients; COO gradients scattered into zeros)."""
+        rows = self.rows_hi - self.rows_lo
         if self.kind == _COO:
-            out = torch.zeros(len(rows), self.D, dtype=self.acc_dtype, device=self.device)
-            pos = torch.full((self.rows_hi - self.rows_lo,), -1, dtype=torch.long, device=self.device)
-            pos[torch.tensor(rows, dtype=torch.long, device=self.device)] = torch.arange(len(rows), device=self.device)
+            out = torch.zeros(rows, self.D, dtype=self.acc_dtype, device=self.device)
             for r, v in zip(self.coo_rows, self.coo_vals):
-                at = pos[r]
-                ok = at >= 0
-                out.index_add_(0, at[ok], v[ok])
-            return list(out)
-        if self.direct:
-            g = self.direct_grads[0]
-        else:
-            g = self.shard_grad
+                out.index_add_(0, r, v)
+            return out
+        g = self.direct_grads[0] if self.direct else self.shard_grad
         if g is None:
-            zero = torch.zeros(self.D, dtype=self.acc_dtype, device=self.device)
-            return [zero] * len(rows)
-        view = g.view(-1, self.D)
-        return [view[r] for r in rows]
+            return torch.zeros(rows, self.D, dtype=self.acc_dtype, device=self.device)
+        return g[: rows * self.D].view(rows, self.D)
 
     def reduced_grads(self) -> list[Tensor]:
         if self.kind == _COO:
@@ -363,67 +363,53 @@ class SparseAdamW(ShardedAdamW):
             raise ValueError(f"lr * weight_decay = {1 - f} >= 1: the decay would flip the weights' sign")
         return math.log(f)
 
-    def _agree_presence(self, present: list[bool]) -> list[bool]:
-        """Buckets sharded over their own process group agree on presence within that group (world presence
-        would mix different ranks' different expert tensors)."""
-        by_comm: dict[int, list[int]] = {}
-        pos = 0
-        spans = []
-        for b in self.engine.buckets:
-            spans.append((b, pos))
-            if b.comm is not self.comm:
-                by_comm.setdefault(id(b.comm), []).append(len(spans) - 1)
-            pos += len(b.params)
-        for ids in by_comm.values():
-            comm = spans[ids[0]][0].comm
-            flags = torch.tensor([float(f) for i in ids for f in spans[i][0].present], dtype=torch.float32)
-            if comm.world_size > 1:
-                comm.all_reduce(flags, label="control")
-            k = 0
-            for i in ids:
-                b, start = spans[i]
-                for j in range(len(b.params)):
-                    present[start + j] = bool(flags[k] > 0)
-                    k += 1
-        return present
-
-    def _update_bucket(self, bucket: Bucket, present: list[bool], grad_scale: float | None) -> None:
+    def _update_bucket(self, bucket: Bucket, present: list[bool], grad_scale: Tensor | None) -> None:
         self._stepped_this_call = True
         if not isinstance(bucket, RowBucket):
             return super()._update_bucket(bucket, present, grad_scale)
-        group = self.param_groups[bucket.group_index]
-        p = bucket.params[0]
-        st = self.state[p]
-        rows = bucket.touched[bucket.rows_lo : bucket.rows_hi].nonzero().flatten()
-        if rows.numel() == 0:
+        self._update_rows(bucket, grad_scale)
+
+    def _update_rows(self, bucket: "RowBucket", grad_scale: Tensor | None) -> None:
+        """The lazy AdamW step of a row-sharded param, vectorised over its owned rows with the touched mask on
+        the device (no host read, no Python loop over rows): untouched rows are left bit-for-bit unchanged
+        (multiplied by 1, added 0), touched rows take the update with their own step count."""
+        rows = bucket.rows_hi - bucket.rows_lo
+        if rows == 0:
             return
+        group = self.param_groups[bucket.group_index]
+        st = self.state[bucket.params[0]]
         self._refresh_master(bucket, [0])
         D = bucket.D
         target = bucket.shard_view(bucket.master, 0) if bucket.master is not None else bucket.owned_param_view(0)
-        theta = target.view(-1, D)
-        m = bucket.shard_view(bucket.exp_avg, 0).view(-1, D)
-        v = bucket.shard_view(bucket.exp_avg_sq, 0).view(-1, D)
-        idx = rows.tolist()
-        g = bucket.owned_row_grads(idx)
-        if g and g[0].dtype != theta.dtype:
-            g = [x.to(theta.dtype) for x in g]
-        L_before = self._log_decay_before.get(id(group), group["log_decay"])
-        wd, decay = group["weight_decay"], group["decay"]
-        if wd and decay != "l2" and self.catchup_decay:
-            # the decoupled decay each returning slice missed while idle: exp(L_{t-1} - mark)
-            factor = torch.exp(L_before - st["decay_mark"][rows])
-            for k, r in enumerate(idx):
-                f = float(factor[k])
-                if f != 1.0:
-                    theta[r].mul_(f)
-        # the update itself: the same kernel as ShardedAdamW's, one tensor per touched slice (views: in place),
-        # each with its own step count for the bias correction
-        steps = [st["step"][r] for r in idx]
+        theta = target.view(rows, D)
+        m = bucket.shard_view(bucket.exp_avg, 0).view(rows, D)
+        v = bucket.shard_view(bucket.exp_avg_sq, 0).view(rows, D)
+        mask = bucket.touched[bucket.rows_lo : bucket.rows_hi]
+        g = bucket.owned_rows_dense().to(theta.dtype)
+        if grad_scale is not None:
+            g = g / grad_scale.to(theta.dtype)
+        lr, wd, decay = float(group["lr"]), group["weight_decay"], group["decay"]
         beta1, beta2 = group["betas"]
-        F.adamw([theta[r] for r in idx], g, [m[r] for r in idx],
-                [v[r] for r in idx], steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=wd, decay=decay, lr_max=_lr_max(group), grad_scale=grad_scale, impl=self.impl)
-        st["decay_mark"].index_fill_(0, rows, L_before + self._log_factor(group) if decay != "l2" else 0.0)
+        L_before = self._log_decay_before.get(id(group), group["log_decay"])
+        col = lambda x: x.to(theta.dtype).unsqueeze(1)  # noqa: E731 - a [rows] factor as a [rows, 1] column
+        if wd and decay != "l2":
+            if self.catchup_decay:  # the decoupled decay each returning row missed while idle: exp(L_{t-1} - mark)
+                theta.mul_(col(torch.where(mask, torch.exp(L_before - st["decay_mark"]), 1.0)))
+            w = F.effective_weight_decay(decay, wd, _lr_max(group))
+            theta.mul_(col(torch.where(mask, 1.0 - lr * w, 1.0)))
+        elif wd:
+            g = g.add(theta, alpha=wd)
+        step = st["step"]
+        step.add_(mask.to(step.dtype))
+        t = step.clamp(min=1).double()
+        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
+        m.lerp_(g.to(m.dtype), col(mask * (1 - beta1)).to(m.dtype))
+        v.mul_(col(torch.where(mask, beta2, 1.0)).to(v.dtype))
+        v.addcmul_(g.to(v.dtype), (g * col(mask)).to(v.dtype), value=1 - beta2)
+        denom = (v.sqrt() / col(bc2.sqrt()).to(v.dtype)).add_(group["eps"])
+        theta.addcdiv_((m * col(torch.where(mask, -lr / bc1, 0.0)).to(m.dtype)).to(theta.dtype), denom.to(theta.dtype))
+        if decay != "l2":
+            st["decay_mark"].copy_(torch.where(mask, L_before + self._log_factor(group), st["decay_mark"]))
 
     def apply_pending_decay(self) -> None:
         """Give every idle slice the decoupled decay it has missed so far (catch-up now instead of at its next
