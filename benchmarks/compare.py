@@ -550,6 +550,12 @@ def targets(records, kernel_json: str | None) -> tuple[str, list[dict]]:
                 f"stage 2 {t2:.0f} ms vs DeepSpeed ZeRO-2 {tds:.0f} ms: {t2 / tds:.2f}x (target <= 1.0x)")
     else:
         out.append("- vs DeepSpeed ZeRO-2: not measured (" + _status(by, "ds_zero2", n) + ")")
+    tsib = _get(by, "zeroadamw_sib", n, "step_ms_median")
+    if tsib and t2:
+        verdict("sib_vs_stage2", tsib <= 1.05 * t2,
+                f"fused step in backward {tsib:.0f} ms vs stage 2 {t2:.0f} ms: {tsib / t2:.2f}x (target <= 1.05x)")
+    else:
+        out.append("- fused step in backward vs stage 2: not measured")
     out.append("")
     out.append("**Update kernel vs torch fused AdamW** (`benchmarks/kernel_bandwidth.py`, a separate run):")
     if kernel_json and os.path.exists(kernel_json):

@@ -81,7 +81,7 @@ def reduced(opt):
         p = bucket.params[0]
         if isinstance(bucket, RowBucket):
             rows = list(range(bucket.rows_hi - bucket.rows_lo))
-            owned = torch.stack(bucket.owned_row_grads(rows)) if rows else torch.zeros(0, bucket.D)
+            owned = bucket.owned_rows_dense().clone() if rows else torch.zeros(0, bucket.D)
             grads[p] = _gather_rows(bucket, owned).view(p.shape)
             touched[p] = bucket.touched.clone()
         elif not engine.sharded(bucket):  # one process: the update reads param.grad

@@ -415,7 +415,7 @@ def test_dispatch_with_a_state_tensor_of_another_layout(impl):
 @pytest.mark.parametrize("case,want", [("transposed_grad", "foreach"), ("strided_param", "foreach"),
                                        ("both_transposed", "fused"), ("channels_last", "fused")])
 def test_auto_picks_fused_only_for_one_dense_layout(case, want, monkeypatch):
-    """impl='auto' keeps the fused kernel where every tensor shares the param's dense layout, and leaves it otherwise."""
+    """impl="auto" keeps the fused kernel where all tensors share the param's dense layout, and leaves it otherwise."""
     called = []
     for name in ("fused", "foreach"):
         monkeypatch.setitem(F.KERNELS, name, lambda *a, _n=name, **k: called.append(_n))
@@ -712,3 +712,19 @@ def test_tensor_lr_keeps_its_own_initial_lr(kind):
         train([(m, o) for m, o, _ in runs], 1, start=step, scheds=[s for _, _, s in runs])
     assert float(runs[0][1].param_groups[0]["initial_lr"]) == pytest.approx(0.01)
     assert_same_params(a, b, atol=1e-7)
+
+
+def test_sparse_adamw_step_hooks_fire_once():
+    """torch wraps every Optimizer subclass's step() with the hook machinery; a subclass whose step() called
+    super().step() ran the hooks twice."""
+    from zeroadamw import SparseAdamW
+
+    ShardedAdamW([torch.nn.Parameter(torch.zeros(2))])  # the parent class's step is patched too
+    w = torch.nn.Parameter(torch.randn(3, 2))
+    opt = SparseAdamW([{"params": [w], "sparse": "rows"}], lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    w.sum().backward()
+    opt.step()
+    assert calls == ["pre", "post"]

@@ -102,12 +102,12 @@ def main(argv: list[str] | None = None) -> None:
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to its own GPU
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
 
@@ -161,11 +161,12 @@ def main(argv: list[str] | None = None) -> None:
         peak_memory_bytes(device) or 0,
         sorted(times)[len(times) // 2] * 1e3,
         comm,
-    ], dtype=torch.float64)
+    ], dtype=torch.float64, device=device)  # on the model's device: the group's backend takes it (NCCL: CUDA)
     rows = [row]
     if distributed:
         rows = [torch.zeros_like(row) for _ in range(world)]
         dist.all_gather(rows, row)
+    rows = [r.cpu() for r in rows]
     if rank == 0:
         print(f"\nfinal: train loss {loss.item():.3f}, validation loss {val_loss:.3f} (uniform bytes: {math.log(256):.3f})")
         print("\nper-rank memory (MiB) -- ShardedAdamW vs what torch.optim.AdamW (+DDP) holds for the same model")

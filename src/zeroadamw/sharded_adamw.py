@@ -466,7 +466,8 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         return self._control
 
     def _mark_state_loaded(self) -> None:
-        """Called by load_state_dict and zeroadamw.checkpoint.load: the state is a resumed one, not fresh."""
+        """Called by zeroadamw.checkpoint.load (load_state_dict sets the flag when it loads stepped state): the
+        state is a resumed one, not fresh -- the resume warning is off."""
         self._state_loaded = True
         self._resume_checked = True
 
@@ -571,6 +572,19 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         inf/NaN check covers every rank's shard, and the scaler is told the *global* result so every rank backs
         off its scale together.
         """
+        self._before_step()
+        out = self._step(closure, grad_scaler)
+        self._after_step()
+        return out
+
+    def _before_step(self) -> None:
+        """Subclass hook (SparseAdamW): runs first in every ``step()``; overriding ``step`` would run torch's
+        step hooks twice."""
+
+    def _after_step(self) -> None:
+        """Subclass hook: runs last in every ``step()`` (taken, skipped or plain)."""
+
+    def _step(self, closure, grad_scaler):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -1234,6 +1248,8 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
                     t.copy_(src)
                 if kind == "master":
                     self._master_stale.discard(p)
+        if entries:  # real (stepped) state was loaded: a resumed optimizer, not a fresh one
+            self._state_loaded = True
 
     def _consolidated_state_dict(self) -> dict[str, Any]:
         """:meth:`state_dict` without its hooks."""

@@ -343,16 +343,16 @@ class SparseAdamW(ShardedAdamW):
         return out
 
     # ------------------------------------------------------------------------------------------------- step
-    def step(self, closure=None, grad_scaler=None):
-        """As ShardedAdamW's; the row-sharded params take their lazy, per-row update."""
+    def _before_step(self) -> None:
+        """Remember L_{t-1} and this step's log-decay factor per group (the lr / weight decay of this step)."""
         self._log_decay_before = {id(g): g["log_decay"] for g in self.param_groups}
-        factors = {id(g): self._log_factor(g) for g in self.param_groups}  # this step's lr / weight decay
-        out = super().step(closure, grad_scaler=grad_scaler)
+        self._factors = {id(g): self._log_factor(g) for g in self.param_groups}
+
+    def _after_step(self) -> None:
         if not self.last_step_skipped and self._stepped_this_call:
             for g in self.param_groups:  # L_t += log(1 - lr_t * w): once per taken step, touched rows or not
-                g["log_decay"] = self._log_decay_before[id(g)] + factors[id(g)]
+                g["log_decay"] = self._log_decay_before[id(g)] + self._factors[id(g)]
         self._stepped_this_call = False
-        return out
 
     def _log_factor(self, group: dict) -> float:
         if group["decay"] == "l2" or not group["weight_decay"]:
