@@ -28,7 +28,7 @@ demo: setup
 	PATH=$(abspath $(BIN)):$$PATH bash launch/cpu_demo.sh
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not dist and not slow"

@@ -184,3 +184,46 @@ def grad_scaler_attribute_protocol(rank, world, cfg):
     worst = max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
     assert_ranks_identical(list(b.parameters()))
     return {"worst": worst, "skipped": skipped, "scale": sb.get_scale()}
+
+
+def backend_spelling(rank, world, cfg):
+    """The process group initialised as a user script would: ``init_process_group()`` without a backend (reports
+    "undefined"), ``"gloo"`` or ``"cpu:gloo"`` -- stage 2, fused step in backward and SparseAdamW with an expert
+    subgroup train like torch.optim.AdamW on rank-averaged gradients."""
+    import os
+
+    backend = cfg["backend"]
+    kw = dict(init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", rank=rank, world_size=world)
+    dist.init_process_group(backend, **kw) if backend else dist.init_process_group(**kw)
+    out = {"backend": str(dist.get_backend()), "worst": {}}
+    for mode in ("stage2", "sib", "sparse"):
+        torch.manual_seed(0)
+        model, ref = Stack(layers=3, experts=mode == "sparse"), Stack(layers=3, experts=mode == "sparse")
+        ref.load_state_dict(model.state_dict())
+        if mode == "sparse":
+            egroup = dist.new_group(list(range(world)))  # an expert group spanning the ranks (same experts)
+            dense = [p for n, p in model.named_parameters() if n != "experts"]
+            opt = SparseAdamW([{"params": dense}, {"params": [model.experts], "sparse": "rows",
+                                                   "process_group": egroup}], lr=1e-2, weight_decay=0.0,
+                              bucket_size=600)
+        else:
+            opt = ShardedAdamW(model.parameters(), lr=1e-2, weight_decay=0.0, bucket_size=600,
+                               step_in_backward=mode == "sib")
+        ropt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+        for step in range(4):
+            loss_of(model, batch(step, rank)).backward()
+            opt.step()
+            opt.zero_grad()
+            loss_of(ref, batch(step, rank)).backward()
+            for p in ref.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+            ropt.step()
+            ropt.zero_grad()
+        if mode == "sparse":  # lazy rows: untouched expert rows keep their weights; compare the touched ones only
+            pairs = [(p, q) for (n, p), q in zip(model.named_parameters(), ref.parameters()) if n != "experts"]
+        else:
+            pairs = list(zip(model.parameters(), ref.parameters()))
+        out["worst"][mode] = max((p - q).abs().max().item() for p, q in pairs)
+        assert_ranks_identical(list(model.parameters()))
+    return out

@@ -97,3 +97,12 @@ def test_grad_scaler_attribute_protocol_without_attach_is_refused_on_every_rank(
     with pytest.raises(RuntimeError) as e:
         run(control_workers.grad_scaler_attribute_protocol, 2, dict(attach=False), timeout=120)
     assert str(e.value).count("attach_grad_scaler(scaler)") == 2  # both ranks raised, neither hung
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("backend", [None, "gloo", "cpu:gloo"])
+def test_process_group_spellings_train_like_torch(backend):
+    res = run(control_workers.backend_spelling, 2, dict(backend=backend), timeout=180, init=False)
+    assert res[0]["backend"] == {None: "undefined", "gloo": "gloo", "cpu:gloo": "cpu:gloo"}[backend]
+    for r in res:
+        assert all(w <= 1e-6 for w in r["worst"].values()), r
