@@ -28,10 +28,12 @@ class Stack(nn.Module):
             route = (x.sum(1) > 0).long() % 4
             x = x + torch.einsum("bij,bj->bi", self.experts[route], x)
         for i, layer in enumerate(self.layers):
-            if self.reentrant and 0 < i < len(self.layers) - 1:  # first and last layer outside any segment
+            if self.reentrant and i > 0:  # every layer but the first in a reentrant segment
                 x = checkpoint(lambda t, m=layer: torch.tanh(m(t)), x, use_reentrant=True)
             else:
                 x = torch.tanh(layer(x))
+        if self.reentrant:  # the head too: the first gradients of backward arrive inside a nested backward
+            return checkpoint(self.head, x, use_reentrant=True)
         return self.head(x)
 
 
