@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import functional as F
 from .schedules import WdScheduleMixin
-from .sharded_adamw import ShardedAdamW, _validate_hyper, plain_adamw_step
+from .sharded_adamw import ShardedAdamW, _validate_hyper, complete_loaded_state, plain_adamw_step
 
 __all__ = ["AdamW"]
 
@@ -76,14 +76,7 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
         """Unpickling / deepcopy, and the last stage of ``load_state_dict`` (torch's, which installs the loaded
         groups and state through here): torch's groups get the zeroadamw keys they lack and are validated, and
         float steps become tensors, before anything is changed."""
-        state = dict(state)
-        if "param_groups" in state:
-            state["param_groups"] = ShardedAdamW._completed_groups(
-                state["param_groups"], self.__dict__.get("param_groups"),
-                state.get("defaults", self.__dict__.get("defaults", {})), "loaded")
-        if "state" in state:
-            ShardedAdamW._steps_as_tensors(state["state"])
-        super().__setstate__(state)
+        super().__setstate__(complete_loaded_state(self, state))
         self.__dict__.setdefault("impl", "auto")
         self.__dict__.setdefault("_wd_default", (None, None))
         if len(self.__dict__.setdefault("_wd_fns", [])) != len(self.param_groups):

@@ -157,17 +157,23 @@ class Control:
         return t
 
     # ------------------------------------------------------------------------------------------- collectives
-    def all_reduce_packed(self, t: Tensor, comm=None, op=None, label: str = "control") -> Tensor:
-        """All-reduce ``t`` (a packed control vector) over ``comm`` (default: the world) in place, returning it.
-        Moves it to the group's control device and back when they differ (CUDA params on a CPU-only group)."""
+    def all_reduce_packed(self, t: Tensor, comm=None, op=None, label: str = "control", async_op: bool = False):
+        """All-reduce ``t`` (a packed control vector) over ``comm`` (default: the world) in place, returning it
+        (``async_op=True``: a :class:`~zeroadamw.comm.Handle`; ``t`` holds the result after ``wait()``). Moves it
+        to the group's control device and back when they differ (CUDA params on a CPU-only group)."""
+        from .comm import Handle
+
         comm = comm or self.comm
         if comm.world_size == 1:
-            return t
+            return Handle() if async_op else t
         dev = self.device if comm is self.comm else self.device_for(comm)
         x = t if t.device == dev else t.to(dev)
-        comm.all_reduce(x, op=op, label=label)
-        if x is not t:
-            t.copy_(x)
+        h = comm.all_reduce(x, op=op, label=label, async_op=async_op)
+        back = (lambda: t.copy_(x)) if x is not t else None
+        if async_op:
+            return Handle(h, back)
+        if back is not None:
+            back()
         return t
 
     def check_same(self, h: int) -> bool:

@@ -293,7 +293,9 @@ class GradEngine:
         self.grads_reduced = grads_reduced
         self.max_inflight = max_inflight
         self.step_in_backward = step_in_backward
-        self.apply_fn = None  # fused step in backward: optimizer callback(bucket) -> all-gather Handle or None
+        self.apply_fn = None  # fused step in backward: optimizer callback(agreement) -> all-gather Handle or None
+        self.agree_fn = None  # fused step in backward: optimizer callback(bucket) -> agreement in flight
+        self._agree_q: deque = deque()  # buckets whose agreement all-reduce is in flight (applied in order)
         self.control = None  # the optimizer's control plane (zeroadamw.control.Control), set by the optimizer
         self.on_moved = None  # optimizer callback(bucket) after a bucket followed its params to another device
         self._callback_queued = False  # an end-of-backward callback is queued on the outermost backward
@@ -460,11 +462,19 @@ class GradEngine:
         if not bucket.direct:
             bucket.finish()
         if self.fused and self._final and not bucket.applied:
-            handle = self.apply_fn(bucket)
-            if handle is not None:
-                self._ag_inflight.append(handle)
-            while self._ag_inflight and (len(self._ag_inflight) > self.max_inflight or self._ag_inflight[0].done()):
-                self._ag_inflight.popleft().wait()
+            # start the bucket's small agreement all-reduce now and apply it max_inflight buckets later (a fixed
+            # count, the same on every rank: applying issues the all-gather), so it overlaps the rest of backward
+            bucket.applied = True
+            self._agree_q.append(self.agree_fn(bucket))
+            while self._agree_q and (len(self._agree_q) > self.max_inflight or bucket.comm.world_size == 1):
+                self._apply_next()
+
+    def _apply_next(self) -> None:
+        handle = self.apply_fn(self._agree_q.popleft())
+        if handle is not None:
+            self._ag_inflight.append(handle)
+        while self._ag_inflight and (len(self._ag_inflight) > self.max_inflight or self._ag_inflight[0].done()):
+            self._ag_inflight.popleft().wait()
 
     def _launch_ready(self) -> None:
         hooked = self.hooked_buckets
@@ -534,9 +544,14 @@ class GradEngine:
                 bucket.land(i, p.grad)
                 p.grad = None
 
-    def _drain(self) -> None:
+    def _drain(self, apply: bool = True) -> None:
         while self._inflight:
             self._finish(self._inflight.popleft())
+        while self._agree_q:
+            if apply:
+                self._apply_next()
+            else:  # forgetting this step (clear()): complete the collective, update nothing
+                self._agree_q.popleft()[-1].wait()
 
     def _drain_gathers(self) -> None:
         while self._ag_inflight:
@@ -640,7 +655,7 @@ class GradEngine:
         """Forget every gradient held (sharded or in flight) and any half-finished backward round."""
         self._reduced = False
         self._final = False
-        self._drain()
+        self._drain(apply=False)
         self._drain_gathers()
         for bucket in self.buckets:
             bucket.clear_grads()

@@ -94,11 +94,17 @@ def _weak_apply(opt: "ShardedAdamW"):
     """The engine's fused-update callback, holding the optimizer weakly (no reference cycle through hooks)."""
     ref = weakref.ref(opt)
 
-    def apply(bucket):
+    def agree(bucket):
         o = ref()
-        return None if o is None else o._apply_in_backward(bucket)
+        return None if o is None else o._agree_in_backward(bucket)
 
-    return apply
+    def apply(agreement):
+        o = ref()
+        if agreement is not None:
+            agreement[-1].wait()
+        return None if o is None or agreement is None else o._apply_in_backward(*agreement)
+
+    return apply, agree
 _UNSUPPORTED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
 
 
@@ -196,6 +202,19 @@ def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str) -> No
             F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
                     lr_max=_lr_max(group), impl=impl)
+
+
+def complete_loaded_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """What torch's ``load_state_dict`` hands ``__setstate__``, completed for our optimizers: torch's groups get
+    the zeroadamw keys they lack (validated), float steps become tensors. Changes nothing of ``opt``."""
+    state = dict(state)
+    if "param_groups" in state:
+        state["param_groups"] = ShardedAdamW._completed_groups(
+            state["param_groups"], opt.__dict__.get("param_groups"),
+            state.get("defaults", opt.__dict__.get("defaults", {})), "loaded")
+    if "state" in state:
+        ShardedAdamW._steps_as_tensors(state["state"])
+    return state
 
 
 class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
@@ -374,7 +393,7 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
             value = float(value)
         self._max_grad_norm = value
         fused = self.step_in_backward and value is None
-        self.engine.apply_fn = _weak_apply(self) if fused else None
+        self.engine.apply_fn, self.engine.agree_fn = _weak_apply(self) if fused else (None, None)
 
     # ------------------------------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -731,23 +750,27 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
             self._applied_sq.zero_()
             self._applied_bad.zero_()
 
-    def _apply_in_backward(self, bucket: Bucket):
-        """Fused step in backward: ``bucket``'s reduced gradient of the last micro-batch is ready -- agree with the
-        other ranks on which of its params got a gradient and whether it is finite (one small all-reduce whose
-        result stays on the device), update the owned shard now (a non-finite bucket is skipped by the kernel's
-        ``found_inf``, on the device), and start the all-gather. No host read. Returns the gather handle."""
-        n = len(bucket.params)
-        dev = bucket.device
-        ctl = self.control
+    def _agree_in_backward(self, bucket: Bucket):
+        """Fused step in backward, phase 1: ``bucket``'s reduced gradient of the last micro-batch is ready -- start
+        the agreement with the other ranks on which of its params got a gradient and whether it is finite (one
+        small async all-reduce whose result stays on the device). The engine applies it a fixed number of buckets
+        later (:meth:`_apply_in_backward`), so the all-reduce overlaps the rest of backward."""
         held = bucket.reduced_grads()
-        sq = _sum_of_squares(held, dev)
+        sq = _sum_of_squares(held, bucket.device)
+        ctl = self.control
         cdev = ctl.device_for(bucket.comm)
         flags = torch.cat([ctl.host_vector(bucket.present, torch.float32, cdev),
                            (~torch.isfinite(sq)).to(device=cdev, dtype=torch.float32).reshape(1)])
-        ctl.all_reduce_packed(flags, comm=bucket.comm)
+        return bucket, sq, flags, ctl.all_reduce_packed(flags, comm=bucket.comm, async_op=True)
+
+    def _apply_in_backward(self, bucket: Bucket, sq: Tensor, flags: Tensor, _handle=None):
+        """Phase 2 (the agreement has arrived): update the owned shard now (a non-finite bucket is skipped by the
+        kernel's ``found_inf``, on the device), and start the all-gather. No host read. Returns the gather
+        handle."""
+        n = len(bucket.params)
+        dev = bucket.device
         flags = flags.to(dev)
         bad = (flags[n] > 0).to(torch.float32)
-        bucket.applied = True
         if self._applied_sq is None:
             self._applied_sq = torch.zeros(len(self.param_groups), dtype=torch.float64, device=dev)
             self._applied_bad = torch.zeros((), dtype=torch.float64, device=dev)
@@ -1396,14 +1419,7 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if not state.get("_zeroadamw_rebuild"):
             # torch.optim.Optimizer.load_state_dict installing a loaded state (plain mode): complete torch's groups
-            state = dict(state)
-            if "param_groups" in state:
-                state["param_groups"] = self._completed_groups(
-                    state["param_groups"], self.__dict__.get("param_groups"),
-                    state.get("defaults", self.__dict__.get("defaults", {})), "loaded")
-            if "state" in state:
-                self._steps_as_tensors(state["state"])
-            return super().__setstate__(state)
+            return super().__setstate__(complete_loaded_state(self, state))
         # a copy: a fresh optimizer (engine, buckets, hooks) over the copied params, then the state
         type(self).__init__(self, state["param_groups"], **state["kwargs"])
         self._load_consolidated(state["state_dict"])
