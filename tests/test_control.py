@@ -106,3 +106,28 @@ def test_process_group_spellings_train_like_torch(backend):
     assert res[0]["backend"] == {None: "undefined", "gloo": "gloo", "cpu:gloo": "cpu:gloo"}[backend]
     for r in res:
         assert all(w <= 1e-6 for w in r["worst"].values()), r
+
+
+def test_fused_step_in_backward_then_add_param_group_matches_torch():
+    """The per-group gradient-norm accumulator of fused step in backward grows with add_param_group."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    ra, rb = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+    ra.load_state_dict(a.state_dict())
+    rb.load_state_dict(b.state_dict())
+    from zeroadamw import ShardedAdamW
+
+    opt = ShardedAdamW(a.parameters(), lr=1e-2, step_in_backward=True)
+    ref = torch.optim.AdamW(ra.parameters(), lr=1e-2)
+    for step in range(4):
+        if step == 2:
+            opt.add_param_group({"params": list(b.parameters())})
+            ref.add_param_group({"params": list(rb.parameters())})
+        x = torch.randn(3, 4, generator=torch.Generator().manual_seed(step))
+        for m1, m2, o in ((a, b, opt), (ra, rb, ref)):
+            (m2(m1(x)).square().mean()).backward()
+            o.step()
+            o.zero_grad()
+        assert len(opt.group_grad_norms) == len(opt.param_groups)
+    for p, q in zip(list(a.parameters()) + list(b.parameters()), list(ra.parameters()) + list(rb.parameters())):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -694,7 +694,10 @@ class ShardedAdamW(WdScheduleMixin, torch.optim.Optimizer):
         dev = ctl.device
         group_sq = self._local_group_sq()
         if self._applied_sq is not None:
-            group_sq = group_sq + self._applied_sq.to(dev)
+            applied = self._applied_sq.to(dev)
+            if len(applied) < len(group_sq):  # a param group was added since the accumulator was made
+                applied = torch.cat([applied, applied.new_zeros(len(group_sq) - len(applied))])
+            group_sq = group_sq + applied
         world_flags, other = [], {}
         for bucket in engine.buckets:
             if bucket.comm is self.comm:
