@@ -22,8 +22,8 @@ machine, binds only NCCL. With CUDA params and a CPU-only group (``"cpu:gloo"``)
 (that costs a host read, which only such a configuration pays).
 
 **Strict mode** (``ZEROADAMW_STRICT_DEVICE=1``, on in the test suite; or :func:`set_strict`): every tensor given
-to a collective by :class:`~zeroadamw.comm.Comm` is checked against its group's device types, and every control
-tensor against the params' device; a violation raises at once instead of crashing (or hanging) inside the
+to a collective by :class:`~zeroadamw.comm.Comm` is checked against its group's device types; a violation
+raises at once instead of crashing (or hanging) inside the
 backend on another machine.
 
 **Host constants without copies.** Flags the host knows (which params landed, which buckets were flushed)
@@ -138,10 +138,6 @@ class Control:
         if comm.world_size == 1:
             return self._param_device or torch.device("cpu")
         return control_device(comm.group, self._param_device)
-
-    def _check(self, t: Tensor) -> None:
-        if strict_enabled() and self._param_device is not None and t.device != self.device:
-            raise DeviceError(f"control tensor on {t.device}, expected {self.device} (zeroadamw bug)")
 
     def host_vector(self, values, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
         """A read-only device tensor of host-known ``values``, cached per distinct pattern (no copy after the
