@@ -20,7 +20,9 @@ from torch import Tensor
 
 from . import functional as F
 from .schedules import WdScheduleMixin
-from .sharded_adamw import ShardedAdamW, _validate_hyper, complete_loaded_state, plain_adamw_step
+from .consolidation import complete_loaded_state
+from .options import portable_wd_fn, validate_hyper
+from .plain import plain_adamw_step
 
 __all__ = ["AdamW"]
 
@@ -44,7 +46,7 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
     ) -> None:
         self._wd_default = (wd_schedule, wd_schedule_steps)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=decay)
-        _validate_hyper(defaults)
+        validate_hyper(defaults)
         if impl not in ("auto", *F.KERNELS):
             raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(F.KERNELS)}")
         self.impl = impl
@@ -57,7 +59,7 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
         group = self.param_groups[-1]
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
-        _validate_hyper(group, f" (param group {len(self.param_groups) - 1})")
+        validate_hyper(group, f" (param group {len(self.param_groups) - 1})")
         lr0 = group["lr"]  # a tensor lr is written in place by LR schedulers: the peak must not follow it
         group.setdefault("initial_lr", lr0.clone() if isinstance(lr0, Tensor) else lr0)
         self._wd_register(group, wd_fn)
@@ -66,8 +68,8 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # defaults, state, param_groups: what torch.optim copies
         state["impl"] = self.impl
-        state["_wd_default"] = (ShardedAdamW._portable_wd_fn(self._wd_default[0]), self._wd_default[1])
-        state["_wd_fns"] = [ShardedAdamW._portable_wd_fn(fn) for fn in getattr(self, "_wd_fns", [])]
+        state["_wd_default"] = (portable_wd_fn(self._wd_default[0]), self._wd_default[1])
+        state["_wd_fns"] = [portable_wd_fn(fn) for fn in getattr(self, "_wd_fns", [])]
         if "last_step_hparams" in self.__dict__:
             state["last_step_hparams"] = self.last_step_hparams
         return state

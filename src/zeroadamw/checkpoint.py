@@ -765,7 +765,7 @@ def _validate(path: str, meta: dict, model, optimizer, names) -> None:
                     f"{path}: param group {gi} lists different parameters (checkpoint only: {only_ckpt}, optimizer "
                     f"only: {only_opt}, or a different order); build the optimizer with the groups it was saved with")
         if isinstance(optimizer, ShardedAdamW):
-            from .sharded_adamw import _validate_hyper
+            from .options import validate_hyper
 
             for gi, (g, sg) in enumerate(zip(optimizer.param_groups, groups)):
                 merged = dict(g)
@@ -773,7 +773,7 @@ def _validate(path: str, meta: dict, model, optimizer, names) -> None:
                 if isinstance(merged.get("betas"), list):
                     merged["betas"] = tuple(merged["betas"])
                 try:
-                    _validate_hyper(merged, f" (param group {gi} of {path})")
+                    validate_hyper(merged, f" (param group {gi} of {path})")
                 except (TypeError, ValueError) as e:
                     raise CheckpointError(str(e)) from e
         for g in optimizer.param_groups:
@@ -912,19 +912,12 @@ def _restore_sharded(optimizer: ShardedAdamW, names, opt_meta: dict, fill_master
     by_name = {names[p]: p for g in optimizer.param_groups for p in g["params"]}
     for fqn, p in by_name.items():
         if p in optimizer.engine.where and optimizer.engine.where[p][0].master is not None:
-            if fqn in fill_master:  # no master in the checkpoint: take it from the (loaded) param
-                optimizer._master_stale.add(p)
-            else:
-                optimizer._master_stale.discard(p)
+            # no master in the checkpoint: take it from the (loaded) param
+            optimizer._master_loaded(p, fqn not in fill_master)
     for fqn, p in by_name.items():
         if p in optimizer.engine.where and fqn not in opt_meta["params"]:
-            for kind, (how, t) in optimizer._state_kinds(p).items():
-                if kind == "master":
-                    optimizer._master_stale.add(p)
-                else:
-                    t.zero_()
-    if hasattr(optimizer, "_mark_state_loaded"):
-        optimizer._mark_state_loaded()
+            optimizer._reset_param_state(p)  # trainable now, no state then: fresh, as load_state_dict does
+    optimizer._mark_state_loaded()
 
 
 def _apply_hyper(optimizer: torch.optim.Optimizer, opt_meta: dict) -> None:

@@ -3,9 +3,8 @@
 The optimizer (:mod:`zeroadamw.sharded_adamw`) owns the hyperparameters and the update; this module owns the
 flat buffers and the collectives:
 
-* :class:`Bucket` -- a few parameters of one param group packed into one flat, padded buffer; its rank-local
-  optimizer state (``exp_avg``, ``exp_avg_sq``, the master copy) is one flat tensor per kind covering the owned
-  shard, and ``optimizer.state[p]`` holds views into it.
+* :class:`~zeroadamw.buckets.Bucket` (:mod:`zeroadamw.buckets`) -- a few parameters of one param group packed
+  into one flat, padded buffer, and this rank's shard of it.
 * :class:`GradEngine` -- turns per-parameter gradients into reduced, sharded gradients:
 
   - **stage 2** (``N > 1``): a post-accumulate-grad hook copies each gradient into its bucket's flat buffer and
@@ -25,7 +24,7 @@ flat buffers and the collectives:
     gradient memory is freed right there. Collectives issued while finishing a bucket follow a fixed, count-based
     schedule (never "whichever finished first"), so every rank issues them in the same order.
 
-  After the update, :meth:`GradEngine.gather_params` all-gathers each bucket's updated shard so every rank holds
+  After the update, :meth:`Bucket.gather_params` all-gathers each bucket's updated shard so every rank holds
   identical weights.
 """
 
@@ -39,245 +38,10 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .comm import Comm, Handle
-from .layout import BucketLayout
+from .buckets import Bucket, _flat, check_grad
+from .comm import Handle
 
-__all__ = ["Bucket", "GradEngine"]
-
-
-def _flat(t: Tensor) -> Tensor:
-    return t.view(-1) if t.is_contiguous() else t.reshape(-1)
-
-
-class Bucket:
-    """Parameters of one group packed into one flat buffer, and this rank's shard of it."""
-
-    always_hooked = False  # reduce in backward hooks whatever the stage (row-sharded buckets)
-
-    def __init__(
-        self,
-        params: list[Tensor],
-        group_index: int,
-        comm: Comm,
-        reduce_dtype: torch.dtype,
-        acc_dtype: torch.dtype,
-        master_dtype: torch.dtype | None,
-        unit: int = 1,
-    ) -> None:
-        self.params = params
-        self.group_index = group_index
-        self.comm = comm
-        self.layout = BucketLayout([p.numel() for p in params], comm.world_size, comm.rank, unit=unit)
-        self.dtype = params[0].dtype
-        self.device = params[0].device
-        self.reduce_dtype = reduce_dtype
-        self.acc_dtype = acc_dtype
-        self.master_dtype = master_dtype  # None: params are updated in their own dtype
-        self.state_dtype = master_dtype or self.dtype
-        # backward-round bookkeeping (stage 2)
-        self.tracker = None  # the engine: counts gradient memory as buffers come and go
-        self._full: Tensor | None = None  # padded flat gradient buffer, alive until its reduce-scatter is done
-        self.full_nbytes = self.layout.padded * torch.empty((), dtype=reduce_dtype).element_size()
-        self.launched = False  # reduce-scatter of this round started
-        self.flushed = False  # had to be sent at the end of a backward, unfilled, since the last step
-        self.landed = [False] * len(params)
-        self.pending = len(params)
-        self.rs_out: Tensor | None = None
-        self.handle: Handle | None = None
-        self.direct = False  # one process, step in backward: gradients are kept per param (direct_grads), no copy
-        self.direct_grads: list[Tensor | None] = [None] * len(params)
-        self.applied = False  # updated during backward this step (fused step-in-backward)
-        # reduced, averaged gradient of the owned shard (accumulated over backward passes until step)
-        self._shard_grad: Tensor | None = None
-        self.present = [False] * len(params)  # got a gradient on this rank since the last step
-        # optimizer state of the owned shard (flat); optimizer.state[p] holds views into these
-        self.exp_avg: Tensor | None = None
-        self.exp_avg_sq: Tensor | None = None
-        self.master: Tensor | None = None
-        self.on_moved = None  # optimizer callback(bucket) after to_device: re-bind optimizer.state views
-
-    @property
-    def full(self) -> Tensor | None:
-        return self._full
-
-    @full.setter
-    def full(self, t: Tensor | None) -> None:
-        old = self._full
-        if self.tracker is not None and old is not t:
-            delta = (0 if t is None else t.numel() * t.element_size()) - (0 if old is None else old.numel() * old.element_size())
-            self.tracker._count_full(delta)
-        self._full = t
-
-    @property
-    def shard_grad(self) -> Tensor | None:
-        return self._shard_grad
-
-    @shard_grad.setter
-    def shard_grad(self, t: Tensor | None) -> None:
-        old = self._shard_grad
-        if self.tracker is not None and old is not t:
-            delta = (0 if t is None else t.numel() * t.element_size()) - (0 if old is None else old.numel() * old.element_size())
-            self.tracker._count_shard(delta)
-        self._shard_grad = t
-
-    # ------------------------------------------------------------------------------------------------- views
-    @property
-    def numel(self) -> int:
-        return self.layout.numel
-
-    def owned_param_view(self, i: int) -> Tensor:
-        s = self.layout.slots[i]
-        return _flat(self.params[i].detach())[s.own_lo : s.own_hi]
-
-    def check(self, p: Tensor, grad: Tensor) -> tuple[type, str] | None:
-        return check_grad(p, grad)
-
-    def owned_grad_or_empty(self, i: int) -> Tensor:
-        """The owned part of ``param.grad`` (one process / DDP-averaged), or an empty tensor when it has none."""
-        s = self.layout.slots[i]
-        g = self.params[i].grad
-        if g is None:
-            return torch.zeros(s.owned, dtype=self.dtype, device=self.device)
-        return _flat(g)[s.own_lo : s.own_hi]
-
-    def shard_view(self, flat: Tensor, i: int) -> Tensor:
-        s = self.layout.slots[i]
-        return flat[s.shard_lo : s.shard_lo + s.owned]
-
-    # -------------------------------------------------------------------------------------------- gradients
-    def _alloc_full(self) -> Tensor:
-        full = torch.empty(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
-        if self.layout.padding:
-            full[self.layout.numel :].zero_()
-        return full
-
-    def land(self, i: int, grad: Tensor) -> None:
-        """Copy parameter ``i``'s gradient into the flat buffer (adds if it already landed this round)."""
-        if self.direct:
-            # keep autograd's gradient tensor itself (no copy) when it already has the accumulation dtype
-            held = self.direct_grads[i]
-            if held is None:
-                held = _flat(grad) if grad.dtype == self.acc_dtype else _flat(grad).to(self.acc_dtype)
-                self.direct_grads[i] = held
-                if self.tracker is not None:
-                    self.tracker._count_shard(held.numel() * held.element_size())
-            else:
-                held.add_(_flat(grad))
-            if not self.landed[i]:
-                self.landed[i] = True
-                self.pending -= 1
-            self.present[i] = True
-            return
-        if self.full is None:
-            self.full = self._alloc_full()
-        s = self.layout.slots[i]
-        dst = self.full[s.offset : s.offset + s.numel]
-        if self.landed[i]:
-            dst.add_(_flat(grad))
-        else:
-            dst.copy_(_flat(grad))
-            self.landed[i] = True
-            self.pending -= 1
-        self.present[i] = True
-
-    def fill_missing(self) -> None:
-        """Zero the slots of parameters that have not landed this round (so they contribute nothing)."""
-        if self.direct:
-            return
-        if self.full is None:
-            self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
-            return
-        for i, s in enumerate(self.layout.slots):
-            if not self.landed[i]:
-                self.full[s.offset : s.offset + s.numel].zero_()
-
-    def launch(self) -> None:
-        if self.direct:
-            self.launched = True
-            return
-        n = self.comm.world_size
-        if self.reduce_dtype == torch.float16:
-            self.full.div_(n)  # fp16: average before summing, as DDP does, so the sum cannot overflow
-        self.rs_out = torch.empty(self.layout.shard, dtype=self.reduce_dtype, device=self.device)
-        self.handle = self.comm.reduce_scatter(self.rs_out, self.full, async_op=True)
-        self.launched = True
-
-    def finish(self) -> None:
-        """Wait for the reduce-scatter, average, accumulate into ``shard_grad`` and free the full buffer."""
-        if self.direct:
-            return
-        self.handle.wait()
-        out = self.rs_out
-        if self.reduce_dtype != torch.float16:
-            out = out.to(self.acc_dtype).div_(self.comm.world_size)
-        else:
-            out = out.to(self.acc_dtype)
-        if self.shard_grad is None:
-            self.shard_grad = out
-        else:
-            self.shard_grad.add_(out)
-        self.full = self.rs_out = self.handle = None
-
-    def reset_round(self) -> None:
-        self.landed = [False] * len(self.params)
-        self.pending = len(self.params)
-        self.launched = False
-
-    def reduced_grads(self) -> list[Tensor]:
-        """The averaged gradient this bucket holds for its owned shard, as flat tensors."""
-        if self.direct:
-            return [g for g in self.direct_grads if g is not None]
-        return [] if self.shard_grad is None else [self.shard_grad]
-
-    def release_grads(self) -> None:
-        """Free the reduced gradient (after the update used it)."""
-        if self.direct:
-            freed = sum(g.numel() * g.element_size() for g in self.direct_grads if g is not None)
-            if self.tracker is not None and freed:
-                self.tracker._count_shard(-freed)
-            self.direct_grads = [None] * len(self.params)
-        self.shard_grad = None
-
-    def clear_grads(self) -> None:
-        self.release_grads()
-        self.full = self.rs_out = self.handle = None
-        self.present = [False] * len(self.params)
-        self.flushed = False
-        self.applied = False
-        self.reset_round()
-
-    # ------------------------------------------------------------------------------------------------- state
-    def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.exp_avg, self.exp_avg_sq, self.master) if t is not None)
-
-    def init_state(self, moments: bool = True) -> None:
-        """Allocate the owned shard's flat state: Adam moments (``moments``) and the master copy (low precision)."""
-        S = self.layout.shard
-        if moments:
-            self.exp_avg = torch.zeros(S, dtype=self.state_dtype, device=self.device)
-            self.exp_avg_sq = torch.zeros(S, dtype=self.state_dtype, device=self.device)
-        if self.master_dtype is not None:
-            self.master = torch.zeros(S, dtype=self.master_dtype, device=self.device)
-            for i, s in enumerate(self.layout.slots):
-                if s.owned:
-                    self.shard_view(self.master, i).copy_(self.owned_param_view(i))
-
-    def to_device(self, device: torch.device) -> None:
-        """Follow the parameters to another device (e.g. the model was moved after the optimizer was built); the
-        optimizer's ``on_moved`` callback then re-binds its per-param state to the moved tensors."""
-        if device == self.device:
-            return
-        self.device = device
-        for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad", "full"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.to(device))
-        self.direct_grads = [None if g is None else g.to(device) for g in self.direct_grads]
-        if self.on_moved is not None:
-            self.on_moved(self)
-
-    def __repr__(self) -> str:
-        return f"Bucket(group={self.group_index}, dtype={self.dtype}, {self.layout})"
+__all__ = ["Bucket", "GradEngine", "check_grad"]  # Bucket, check_grad: re-exported from zeroadamw.buckets
 
 
 class GradEngine:
@@ -668,31 +432,6 @@ class GradEngine:
         self.errors.clear()
         self.packed_at_step = False
 
-    # ------------------------------------------------------------------------------- step: gather params
-    def gather_params(self, bucket: Bucket, indices: list[int]) -> Handle | None:
-        """Start the all-gather of ``bucket``'s updated shard; the returned handle writes into the params."""
-        if bucket.comm.world_size == 1:
-            if bucket.master is not None:
-                for i in indices:
-                    bucket.owned_param_view(i).copy_(bucket.shard_view(bucket.master, i))
-            return None
-        if bucket.master is not None:
-            send = bucket.master.to(bucket.dtype)
-        else:
-            send = torch.zeros(bucket.layout.shard, dtype=bucket.dtype, device=bucket.device)
-            for i, s in enumerate(bucket.layout.slots):
-                if s.owned:
-                    bucket.shard_view(send, i).copy_(bucket.owned_param_view(i))
-        out = torch.empty(bucket.layout.padded, dtype=bucket.dtype, device=bucket.device)
-        h = bucket.comm.all_gather(out, send, async_op=True)
-        slots = [bucket.layout.slots[i] for i in indices]
-        dsts = [_flat(bucket.params[i].detach()) for i in indices]
-
-        def unpack() -> None:
-            srcs = [out[s.offset : s.offset + s.numel] for s in slots]
-            torch._foreach_copy_(dsts, srcs)
-
-        return Handle(h, unpack)
 
 
 def _remove_handles(handles: list) -> None:
@@ -727,22 +466,3 @@ def _hook(ref: weakref.ref, p: Tensor) -> None:
     engine = ref()
     if engine is not None:
         engine.on_grad(p)
-
-
-def check_grad(p: Tensor, grad: Tensor) -> tuple[type, str] | None:
-    """What is wrong with a gradient the dense update cannot take, as (exception type, message naming the fix)."""
-    if grad.is_sparse or grad.layout != torch.strided:
-        return TypeError, (
-            "ShardedAdamW got a sparse gradient (e.g. from nn.Embedding(sparse=True)); it updates dense "
-            "gradients only -- build the embedding with sparse=False"
-        )
-    if grad.shape != p.shape:
-        return ValueError, f"gradient shape {tuple(grad.shape)} does not match its parameter's shape {tuple(p.shape)}"
-    if grad.dtype != p.dtype:
-        return ValueError, (
-            f"gradient dtype {grad.dtype} does not match its parameter's dtype {p.dtype}; "
-            "assign gradients of the parameter's dtype (autograd always does)"
-        )
-    if grad.device != p.device:
-        return ValueError, f"gradient is on {grad.device} but its parameter is on {p.device}"
-    return None

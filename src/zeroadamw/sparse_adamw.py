@@ -51,9 +51,9 @@ from torch import Tensor
 
 from . import functional as F
 from .comm import Comm
-from .engine import Bucket, _flat, check_grad
-from .layout import plan_buckets
-from .sharded_adamw import ShardedAdamW, _lr_max, _sum_of_squares
+from .buckets import Bucket, check_grad, dense_buckets, master_dtype_for
+from .options import lr_max
+from .sharded_adamw import ShardedAdamW
 
 __all__ = ["SparseAdamW", "RowBucket", "moe_param_groups"]
 
@@ -290,39 +290,23 @@ class SparseAdamW(ShardedAdamW):
             self._comms[pg] = Comm(pg)
         return self._comms[pg]
 
-    def _build_buckets(self, gi: int) -> None:
+    def _make_buckets(self, gi: int) -> tuple[list[Bucket], list]:
+        """Row-sharded groups: one :class:`RowBucket` per param; dense groups over their own process group (expert
+        groups) or the optimizer's."""
         group = self.param_groups[gi]
         comm = self._group_comm(group)
-        if group.get("sparse") != "rows" and comm is self.comm:
-            return super()._build_buckets(gi)
-        trainable = [p for p in group["params"] if p.requires_grad and p.numel() > 0][::-1]
-        signature = [gi, len(group["params"]), group.get("sparse")]
-        new = []
-        if group.get("sparse") == "rows":
-            for p in trainable:
-                master = self.master_dtype if p.dtype in (torch.float16, torch.bfloat16) and self.master_dtype not in (None, p.dtype) else None
-                b = RowBucket(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master)
-                self.engine.add_bucket(b)
-                new.append(b)
-                signature.append(("rows", str(p.dtype), list(p.shape)))
-        else:  # a dense group sharded over its own process group
-            by_dtype: dict[torch.dtype, list[Tensor]] = {}
-            for p in trainable:
-                by_dtype.setdefault(p.dtype, []).append(p)
-            for dtype, ps in by_dtype.items():
-                master = self.master_dtype if dtype in (torch.float16, torch.bfloat16) and self.master_dtype not in (None, dtype) else None
-                for idx in plan_buckets([p.numel() for p in ps], self.bucket_size):
-                    b = Bucket([ps[i] for i in idx], gi, comm, self.reduce_dtype or dtype, master or dtype, master)
-                    self.engine.add_bucket(b)
-                    new.append(b)
-                    signature.append((str(dtype), [ps[i].numel() for i in idx]))
-        if self._constructed:
-            self._check_same_layout(signature)
+        if group.get("sparse") != "rows":
+            buckets, entries = dense_buckets(group["params"], gi, comm, self.bucket_size, self.master_dtype,
+                                             self.reduce_dtype)
         else:
-            self._layout_signature.append(signature)
-        if self._state_ready:
-            for b in new:
-                self._init_bucket_state(b)
+            buckets, entries = [], []
+            for p in [p for p in group["params"] if p.requires_grad and p.numel() > 0][::-1]:
+                master = master_dtype_for(p.dtype, self.master_dtype)
+                buckets.append(RowBucket(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master))
+                entries.append(("rows", str(p.dtype), list(p.shape)))
+        head = [gi, len(group["params"])] if group.get("sparse") != "rows" and comm is self.comm else \
+            [gi, len(group["params"]), group.get("sparse")]
+        return buckets, head + entries
 
     # ------------------------------------------------------------------------------------------------- state
     def _init_bucket_state(self, bucket: Bucket) -> None:
@@ -357,7 +341,7 @@ class SparseAdamW(ShardedAdamW):
     def _log_factor(self, group: dict) -> float:
         if group["decay"] == "l2" or not group["weight_decay"]:
             return 0.0
-        w = F.effective_weight_decay(group["decay"], group["weight_decay"], _lr_max(group))
+        w = F.effective_weight_decay(group["decay"], group["weight_decay"], lr_max(group))
         f = 1.0 - float(group["lr"]) * w
         if f <= 0:
             raise ValueError(f"lr * weight_decay = {1 - f} >= 1: the decay would flip the weights' sign")
@@ -370,9 +354,8 @@ class SparseAdamW(ShardedAdamW):
         self._update_rows(bucket, grad_scale)
 
     def _update_rows(self, bucket: "RowBucket", grad_scale: Tensor | None) -> None:
-        """The lazy AdamW step of a row-sharded param, vectorised over its owned rows with the touched mask on
-        the device (no host read, no Python loop over rows): untouched rows are left bit-for-bit unchanged
-        (multiplied by 1, added 0), touched rows take the update with their own step count."""
+        """The lazy AdamW step of a row-sharded param's owned rows (:func:`zeroadamw.functional.lazy_adamw_rows`,
+        the touched mask on the device: no host read, no Python loop over rows)."""
         rows = bucket.rows_hi - bucket.rows_lo
         if rows == 0:
             return
@@ -380,36 +363,17 @@ class SparseAdamW(ShardedAdamW):
         st = self.state[bucket.params[0]]
         self._refresh_master(bucket, [0])
         D = bucket.D
-        target = bucket.shard_view(bucket.master, 0) if bucket.master is not None else bucket.owned_param_view(0)
-        theta = target.view(rows, D)
-        m = bucket.shard_view(bucket.exp_avg, 0).view(rows, D)
-        v = bucket.shard_view(bucket.exp_avg_sq, 0).view(rows, D)
-        mask = bucket.touched[bucket.rows_lo : bucket.rows_hi]
+        theta = bucket.target_view(0).view(rows, D)
         g = bucket.owned_rows_dense().to(theta.dtype)
         if grad_scale is not None:
             g = g / grad_scale.to(theta.dtype)
-        lr, wd, decay = float(group["lr"]), group["weight_decay"], group["decay"]
         beta1, beta2 = group["betas"]
-        L_before = self._log_decay_before.get(id(group), group["log_decay"])
-        col = lambda x: x.to(theta.dtype).unsqueeze(1)  # noqa: E731 - a [rows] factor as a [rows, 1] column
-        if wd and decay != "l2":
-            if self.catchup_decay:  # the decoupled decay each returning row missed while idle: exp(L_{t-1} - mark)
-                theta.mul_(col(torch.where(mask, torch.exp(L_before - st["decay_mark"]), 1.0)))
-            w = F.effective_weight_decay(decay, wd, _lr_max(group))
-            theta.mul_(col(torch.where(mask, 1.0 - lr * w, 1.0)))
-        elif wd:
-            g = g.add(theta, alpha=wd)
-        step = st["step"]
-        step.add_(mask.to(step.dtype))
-        t = step.clamp(min=1).double()
-        bc1, bc2 = 1 - beta1**t, 1 - beta2**t
-        m.lerp_(g.to(m.dtype), col(mask * (1 - beta1)).to(m.dtype))
-        v.mul_(col(torch.where(mask, beta2, 1.0)).to(v.dtype))
-        v.addcmul_(g.to(v.dtype), (g * col(mask)).to(v.dtype), value=1 - beta2)
-        denom = (v.sqrt() / col(bc2.sqrt()).to(v.dtype)).add_(group["eps"])
-        theta.addcdiv_((m * col(torch.where(mask, -lr / bc1, 0.0)).to(m.dtype)).to(theta.dtype), denom.to(theta.dtype))
-        if decay != "l2":
-            st["decay_mark"].copy_(torch.where(mask, L_before + self._log_factor(group), st["decay_mark"]))
+        F.lazy_adamw_rows(
+            theta, g, bucket.shard_view(bucket.exp_avg, 0).view(rows, D), bucket.shard_view(bucket.exp_avg_sq, 0).view(rows, D),
+            st["step"], st["decay_mark"], bucket.touched[bucket.rows_lo : bucket.rows_hi],
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            decay=group["decay"], lr_max=lr_max(group), log_decay_before=self._log_decay_before.get(id(group), group["log_decay"]),
+            log_factor=self._log_factor(group), catchup=self.catchup_decay)
 
     def apply_pending_decay(self) -> None:
         """Give every idle slice the decoupled decay it has missed so far (catch-up now instead of at its next
@@ -427,10 +391,10 @@ class SparseAdamW(ShardedAdamW):
                 st = self.state[p]
                 L = group["log_decay"]
                 factor = torch.exp(L - st["decay_mark"])
-                target = bucket.shard_view(bucket.master, 0) if bucket.master is not None else bucket.owned_param_view(0)
+                target = bucket.target_view(0)
                 target.view(-1, bucket.D).mul_(factor.to(target.dtype).unsqueeze(1))
                 st["decay_mark"].fill_(L)
-                h = self.engine.gather_params(bucket, [0])
+                h = bucket.gather_params([0])
                 if h is not None:
                     h.wait()
 

@@ -1,0 +1,198 @@
+"""Options: every check of what a user hands ShardedAdamW / SparseAdamW / AdamW, before anything is built.
+
+Hyperparameters (per param group: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``decay``), the constructor's
+options (stage, bucket size, dtypes, kernels, step in backward), the params themselves, and the param groups of a
+loaded state dict (torch's groups lack zeroadamw's keys: :func:`completed_groups` fills them in). Errors are
+``ValueError`` / ``TypeError`` naming the fix; nothing here changes an optimizer.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+
+__all__ = ["DEFAULT_BUCKET_SIZE", "lr_max", "validate_hyper", "validate_options", "check_params",
+           "completed_groups", "steps_as_tensors", "portable_wd_fn"]
+
+DEFAULT_BUCKET_SIZE = 2**23
+"""Elements per communication bucket: 8.4M (16 MiB of bf16 gradients, 32 MiB of fp32). Large enough for
+collectives to reach full bandwidth (DDP's default is 25 MB), small enough that several buckets overlap with
+backward and that the transient full-size buffers (at most three buckets) stay small. Raise it for very large
+models on fast interconnects (Megatron uses 40M), lower it for small models to get any overlap at all."""
+
+HYPER = ("lr", "betas", "eps", "weight_decay", "decay")
+_UNSUPPORTED = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False}
+
+
+def lr_max(group: dict) -> float:
+    """The peak lr ``decay="independent"`` divides by: OneCycleLR's ``max_lr`` when present (its ``initial_lr`` is
+    the starting lr, max_lr / div_factor), else ``initial_lr`` (set by LR schedulers and at construction)."""
+    v = group.get("max_lr", group.get("initial_lr", group["lr"]))
+    return float(v.item() if isinstance(v, Tensor) else v)
+
+
+def _check_float(name: str, v: Any, where: str) -> None:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise TypeError(f"{name} must be a float{where}, got {type(v).__name__}")
+
+
+def validate_hyper(group: dict, where: str = "") -> None:
+    """Check a param group's (or the defaults') hyperparameters; ``where`` names the group in messages."""
+    lr, betas, eps, wd, decay = (group[k] for k in HYPER)
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element{where}")
+        lr = lr.item()
+    _check_float("lr", lr, where)
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}{where}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2){where}, got {betas!r}")
+    for i, b in enumerate(betas):
+        _check_float(f"beta parameter at index {i}", b, where)
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b}{where}")
+    _check_float("eps", eps, where)
+    if not 0.0 <= eps:
+        raise ValueError(f"Invalid epsilon value: {eps}{where}")
+    _check_float("weight_decay", wd, where)
+    if not 0.0 <= wd:
+        raise ValueError(f"Invalid weight_decay value: {wd}{where}")
+    if decay not in F.DECAY_MODES:
+        raise ValueError(f"Unknown decay mode {decay!r}{where}; expected one of {', '.join(F.DECAY_MODES)}")
+    if decay == "independent":
+        lr0 = lr_max(group)
+        if wd and not lr0 > 0:
+            raise ValueError(f"decay='independent' divides by the group's initial lr, which is {lr0}{where}")
+    for key, ok in _UNSUPPORTED.items():
+        if group.get(key, ok) != ok:
+            raise ValueError(f"ShardedAdamW does not implement {key}={group[key]!r}{where}; remove it from the group")
+
+
+def _check_dtype(name: str, dtype: Any) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{name} must be a floating torch.dtype or None, got {dtype!r}")
+
+
+def validate_options(*, stage: Any, bucket_size: Any, master_dtype: Any, reduce_dtype: Any, grads_reduced: bool,
+                     impl: str, step_in_backward: bool) -> None:
+    """The constructor's non-hyperparameter options of ShardedAdamW, and how they combine."""
+    if stage not in (1, 2) or isinstance(stage, bool):
+        raise ValueError(f"stage must be 1 (shard optimizer state) or 2 (also shard gradients), got {stage!r}")
+    if not isinstance(bucket_size, int) or isinstance(bucket_size, bool) or bucket_size < 1:
+        raise ValueError(f"bucket_size must be a positive int (elements per bucket), got {bucket_size!r}")
+    _check_dtype("master_dtype", master_dtype)
+    _check_dtype("reduce_dtype", reduce_dtype)
+    if grads_reduced and stage != 1:
+        raise ValueError(
+            "grads_reduced=True (gradients already averaged by DDP) needs stage=1: stage 2 reduce-scatters "
+            "gradients itself during backward, so don't wrap the model in DDP with stage=2"
+        )
+    if impl not in ("auto", *F.KERNELS):
+        raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(F.KERNELS)}")
+    if step_in_backward and stage != 2:
+        raise ValueError("step_in_backward reduces (and updates) during backward, which is stage 2; use stage=2")
+    if step_in_backward and grads_reduced:
+        raise ValueError(
+            "step_in_backward reduces gradients itself in backward hooks; don't wrap the model in DDP "
+            "(grads_reduced=True is for DDP + stage 1)")
+
+
+def validate_max_grad_norm(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"max_grad_norm must be a float or None, got {type(value).__name__}")
+    if not value > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {value}")
+    return float(value)
+
+
+def check_params(params: Any, seen: set, device: torch.device | None) -> tuple[list[Tensor], torch.device | None]:
+    """A new param group's ``params`` as a list, checked (tensors, each listed once, real floating point,
+    contiguous when trainable, leaves, one device); returns them and the device they share."""
+    if isinstance(params, Tensor):
+        params = [params]
+    elif isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, not sets")
+    params = list(params)
+    ids = set()
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {type(p).__name__}")
+        if p in ids or p in seen:
+            raise ValueError(
+                "a parameter is listed twice (in one group or in two groups); list each parameter once -- "
+                "e.g. tied embeddings are one Parameter: pass model.parameters(), which deduplicates"
+            )
+        ids.add(p)
+        if not p.is_floating_point() or p.is_complex():
+            raise TypeError(f"ShardedAdamW optimizes real floating-point tensors, got a {p.dtype} parameter")
+        if p.requires_grad and not p.is_contiguous():
+            raise ValueError("ShardedAdamW needs contiguous parameters; make the parameter .contiguous() first")
+        if not p.is_leaf:
+            raise ValueError("can't optimize a non-leaf Tensor")
+        if device is None:
+            device = p.device
+        elif p.device != device:
+            raise ValueError(
+                f"all parameters must be on one device, got {device} and {p.device}; "
+                "move the model to its device before building the optimizer"
+            )
+    return params, device
+
+
+def completed_groups(saved: list[dict], current: list[dict] | None, defaults: dict, who: str) -> list[dict]:
+    """``saved`` param groups (torch's have no ``decay`` / ``initial_lr`` / weight-decay schedule keys) with the
+    zeroadamw keys they lack taken from ``current`` (this optimizer's groups, None when unpickling), else from
+    ``defaults``; every group validated. Raises before anything is changed."""
+    out = []
+    for gi, sg in enumerate(saved):
+        ng = dict(sg)
+        cur = current[gi] if current is not None and gi < len(current) else {}
+        for k in ("decay", "initial_lr", "initial_weight_decay", "wd_step"):
+            if k not in ng and k in cur:
+                ng[k] = cur[k]
+        ng.setdefault("decay", defaults.get("decay", "decoupled"))
+        if "initial_lr" not in ng:
+            lr = ng["lr"]
+            ng["initial_lr"] = lr.clone() if isinstance(lr, Tensor) else lr
+        if isinstance(ng.get("betas"), list):
+            ng["betas"] = tuple(ng["betas"])
+        validate_hyper(ng, f" ({who} param group {gi})")
+        out.append(ng)
+    return out
+
+
+def steps_as_tensors(state: dict) -> None:
+    """A ``step`` that is a Python number (old torch state dicts) or another dtype / device: a 0-d float32 tensor
+    on its param's device, as every kernel here wants it."""
+    for p, st in state.items():
+        if not isinstance(p, Tensor) or not isinstance(st, dict) or "step" not in st:
+            continue
+        step = st["step"]
+        if isinstance(step, Tensor):
+            if step.dtype != torch.float32 or step.device != p.device:
+                st["step"] = step.to(dtype=torch.float32, device=p.device)
+        elif isinstance(step, (int, float)) and not isinstance(step, bool):
+            st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
+        else:
+            raise ValueError(f"loaded step is {step!r}; expected a number or a 0-d tensor")
+
+
+def portable_wd_fn(fn):
+    """A named weight-decay schedule (a closure of :func:`zeroadamw.schedules.resolve_wd_schedule`) as an
+    equivalent picklable ``functools.partial``; anything else unchanged."""
+    from . import schedules
+
+    named = schedules.resolve_wd_schedule("constant", None).__code__
+    if callable(fn) and getattr(fn, "__code__", None) is named and fn.__closure__:
+        cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+        if "name" in cells and "steps" in cells:
+            return functools.partial(schedules.wd_multiplier, cells["name"], total=cells["steps"])
+    return fn

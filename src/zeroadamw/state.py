@@ -1,0 +1,162 @@
+"""Optimizer state of the sharded optimizers: where it lives, how it is made, moved, described and reset.
+
+Per bucket (:mod:`zeroadamw.buckets`) the state of the owned shard is flat: ``exp_avg`` / ``exp_avg_sq`` (rules
+with flat moments) and ``master`` (the fp32 copy of bf16/fp16 params); ``optimizer.state[p]`` holds views of
+them, ``step``, and whatever else the rule keeps (:meth:`zeroadamw.rules.Rule.init_param_state`). State is made
+lazily at the first update (params may change between construction and then: a master is re-read from its param
+at its first update -- ``_master_stale``), follows the params when the model moves device, and is described per
+kind (:meth:`StateMixin._state_kinds`) for ``state_dict`` and :mod:`zeroadamw.checkpoint`.
+
+:class:`StateMixin` holds these methods of :class:`~zeroadamw.ShardedAdamW` (and SparseAdamW, which adds per-row
+kinds); it keeps no attributes of its own.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import torch
+from torch import Tensor
+
+from .buckets import Bucket
+
+__all__ = ["StateMixin"]
+
+
+class StateMixin:
+    # ------------------------------------------------------------------------------------------------ making
+    def _init_state(self) -> None:
+        if self._state_ready:
+            return
+        for bucket in self.engine.buckets:
+            self._init_bucket_state(bucket)
+        self._state_ready = True
+
+    def _init_bucket_state(self, bucket: Bucket) -> None:
+        bucket.init_state(moments=self._rule.flat_moments)
+        for i, p in enumerate(bucket.params):
+            st: dict[str, Tensor] = {"step": torch.zeros((), dtype=torch.float32, device=p.device)}
+            st.update(self._rule.init_param_state(bucket, i))
+            if bucket.master is not None:
+                st["master"] = bucket.shard_view(bucket.master, i)
+                self._master_stale.add(p)  # re-read from the param at its first update (weights may change before)
+            self.state[p] = st
+
+    def _refresh_master(self, bucket: Bucket, idx: list[int]) -> None:
+        """First update since the state was made (or loaded without a master): copy params ``idx`` into the master."""
+        if bucket.master is None or not self._master_stale:
+            return
+        for i in idx:
+            p = bucket.params[i]
+            if p in self._master_stale:
+                if bucket.layout.slots[i].owned:
+                    bucket.shard_view(bucket.master, i).copy_(bucket.owned_param_view(i))
+                self._master_stale.discard(p)
+
+    def _reset_param_state(self, p: Tensor) -> None:
+        """Fresh state for ``p`` (trainable now, never stepped in what was loaded): zero moments and steps, master
+        re-read from the param. Shared by ``load_state_dict`` and :func:`zeroadamw.checkpoint.load`."""
+        for kind, (_, t) in self._state_kinds(p).items():
+            if kind == "master":
+                self._master_stale.add(p)
+            else:
+                t.zero_()
+
+    def _master_loaded(self, p: Tensor, loaded: bool) -> None:
+        """``p``'s master was (``loaded``) or was not (saved from an fp32 run) in the loaded state: keep it, or
+        re-read it from the (loaded) param at the next update."""
+        if loaded:
+            self._master_stale.discard(p)
+        else:
+            self._master_stale.add(p)
+
+    def _mark_state_loaded(self) -> None:
+        """Called by zeroadamw.checkpoint.load (load_state_dict sets the flag when it loads stepped state): the
+        state is a resumed one, not fresh -- the resume warning is off."""
+        self._state_loaded = True
+        self._resume_checked = True
+
+    # ------------------------------------------------------------------------------------------------ moving
+    def _relocate_if_needed(self) -> None:
+        """The model moved after the optimizer was built: buckets, state and control tensors follow it (the
+        engine does the same when a moved gradient arrives first; either way :meth:`_on_bucket_moved` runs)."""
+        for bucket in self.engine.buckets:
+            dev = bucket.params[0].device
+            if dev != bucket.device:
+                bucket.to_device(dev)
+
+    def _on_bucket_moved(self, bucket: Bucket) -> None:
+        """Re-bind ``self.state`` of a bucket that moved device: views of its flat state again, the rest moved."""
+        dev = bucket.device
+        self._device = dev
+        if self._control is not None:
+            self._control.follow(dev)
+        for name in ("_applied_sq", "_applied_bad"):
+            t = getattr(self, name)
+            if t is not None and t.device != dev:
+                setattr(self, name, t.to(dev))
+        for i, p in enumerate(bucket.params):
+            st = self.state.get(p)
+            if not st:
+                continue
+            for k, t in list(st.items()):
+                flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
+                if isinstance(flat, Tensor):
+                    st[k] = bucket.shard_view(flat, i)
+                elif isinstance(t, Tensor) and t.device != dev:
+                    st[k] = t.to(dev)
+
+    # ------------------------------------------------------------------------------------------- describing
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds: ``exp_avg`` + ``exp_avg_sq`` (+ master) of its shard (AdamW);
+        the factored / sharded second moments (+ master) for AdaLomo; the master for LOMO."""
+        return sum(b.state_bytes() for b in self.engine.buckets) + self._rule.extra_state_bytes(self.state)
+
+    def _state_kinds(self, p: Tensor) -> dict[str, tuple[str, Tensor]]:
+        """This rank's state of ``p`` by kind, and how it is laid out across ranks:
+
+        * ``("range", t)`` -- the owned elements ``own_lo:own_hi`` of a tensor shaped like ``p`` (sharded);
+        * ``("rows", t)`` -- the owned rows ``rows_lo:rows_hi`` of a ``[p.shape[0]]`` tensor (row-sharded params'
+          per-row step counts, SparseAdamW);
+        * ``("full", t)`` -- a whole tensor every rank holds identically;
+        * ``("scalar", t)`` -- a 0-d tensor every rank holds identically (the step count).
+        """
+        return {k: (self._rule.layout_of(k), t) for k, t in self.state[p].items()}
+
+    @staticmethod
+    def _state_shape(p: Tensor, how: str, t: Tensor) -> tuple[int, ...]:
+        """The consolidated (whole-model) shape of a state kind of ``p``."""
+        if how == "range":
+            return tuple(p.shape)
+        if how == "rows":
+            return (p.shape[0],)
+        return tuple(t.shape)
+
+    @staticmethod
+    def _rows_range(bucket: Bucket, i: int) -> tuple[int, int]:
+        p, s = bucket.params[i], bucket.layout.slots[i]
+        d = p.numel() // p.shape[0]
+        return s.own_lo // d, s.own_hi // d
+
+    # ------------------------------------------------------------------------------------------------ resume
+    def _warn_if_resumed_without_state(self) -> None:
+        """zeroadamw.checkpoint.load(model=..., optimizer=None) marks the params of a model restored from a
+        checkpoint that had optimizer state. Starting AdamW fresh there (zero moments, step 1 bias correction
+        on weights trained for thousands of steps) is the classic resume bug: say so, loudly, once. (Host-side
+        flags only: this runs at the first update, possibly inside backward.)"""
+        self._resume_checked = True
+        resumed = [getattr(p, "_zeroadamw_resumed_step", 0) for b in self.engine.buckets for p in b.params]
+        step = max(resumed, default=0)
+        if step > 0 and not self._state_loaded:
+            msg = (
+                f"zeroadamw: this model was restored from a checkpoint saved at optimizer step {step:g}, but the "
+                "optimizer starts with FRESH state (zero moments). Resuming like this usually makes training "
+                "diverge. Load the optimizer too: zeroadamw.checkpoint.load(path, model=model, optimizer=opt)."
+            )
+            warnings.warn(msg, UserWarning, stacklevel=3)
+            print("WARNING " + msg, file=sys.stderr, flush=True)
+        for b in self.engine.buckets:
+            for p in b.params:
+                if hasattr(p, "_zeroadamw_resumed_step"):
+                    delattr(p, "_zeroadamw_resumed_step")
