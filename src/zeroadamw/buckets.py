@@ -2,7 +2,7 @@
 
 A :class:`Bucket` is the unit of communication and of optimizer state. Its gradient side (the full-size buffer
 that is reduce-scattered, the reduced 1/N ``shard_grad``, or -- one process, step in backward -- the gradients
-kept per parameter, ``direct``) is driven by :class:`zeroadamw.engine.GradEngine`; its state side (flat
+kept per parameter, :class:`DirectBucket`) is driven by :class:`zeroadamw.engine.GradEngine`; its state side (flat
 ``exp_avg`` / ``exp_avg_sq`` / ``master`` over the owned shard, of which ``optimizer.state[p]`` holds views) by
 the optimizer (:mod:`zeroadamw.state`). :func:`dense_buckets` is how both sharded optimizers pack a param group
 (SparseAdamW adds its row-sharded :class:`zeroadamw.sparse_adamw.RowBucket`).
@@ -16,7 +16,7 @@ from torch import Tensor
 from .comm import Comm, Handle
 from .layout import BucketLayout, plan_buckets
 
-__all__ = ["Bucket", "check_grad", "dense_buckets", "master_dtype_for"]
+__all__ = ["Bucket", "DirectBucket", "check_grad", "dense_buckets", "master_dtype_for"]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -27,6 +27,7 @@ class Bucket:
     """Parameters of one group packed into one flat buffer, and this rank's shard of it."""
 
     always_hooked = False  # reduce in backward hooks whatever the stage (row-sharded buckets)
+    direct = False  # DirectBucket: one process, reduced in backward -- gradients kept per parameter, no buffers
 
     def __init__(
         self,
@@ -58,8 +59,6 @@ class Bucket:
         self.pending = len(params)
         self.rs_out: Tensor | None = None
         self.handle: Handle | None = None
-        self.direct = False  # one process, step in backward: gradients are kept per param (direct_grads), no copy
-        self.direct_grads: list[Tensor | None] = [None] * len(params)
         self.applied = False  # updated during backward this step (fused step-in-backward)
         # reduced, averaged gradient of the owned shard (accumulated over backward passes until step)
         self._shard_grad: Tensor | None = None
@@ -131,21 +130,6 @@ class Bucket:
 
     def land(self, i: int, grad: Tensor) -> None:
         """Copy parameter ``i``'s gradient into the flat buffer (adds if it already landed this round)."""
-        if self.direct:
-            # keep autograd's gradient tensor itself (no copy) when it already has the accumulation dtype
-            held = self.direct_grads[i]
-            if held is None:
-                held = _flat(grad) if grad.dtype == self.acc_dtype else _flat(grad).to(self.acc_dtype)
-                self.direct_grads[i] = held
-                if self.tracker is not None:
-                    self.tracker._count_shard(held.numel() * held.element_size())
-            else:
-                held.add_(_flat(grad))
-            if not self.landed[i]:
-                self.landed[i] = True
-                self.pending -= 1
-            self.present[i] = True
-            return
         if self.full is None:
             self.full = self._alloc_full()
         s = self.layout.slots[i]
@@ -160,8 +144,6 @@ class Bucket:
 
     def fill_missing(self) -> None:
         """Zero the slots of parameters that have not landed this round (so they contribute nothing)."""
-        if self.direct:
-            return
         if self.full is None:
             self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
             return
@@ -170,9 +152,6 @@ class Bucket:
                 self.full[s.offset : s.offset + s.numel].zero_()
 
     def launch(self) -> None:
-        if self.direct:
-            self.launched = True
-            return
         n = self.comm.world_size
         if self.reduce_dtype == torch.float16:
             self.full.div_(n)  # fp16: average before summing, as DDP does, so the sum cannot overflow
@@ -182,8 +161,6 @@ class Bucket:
 
     def finish(self) -> None:
         """Wait for the reduce-scatter, average, accumulate into ``shard_grad`` and free the full buffer."""
-        if self.direct:
-            return
         self.handle.wait()
         out = self.rs_out
         if self.reduce_dtype != torch.float16:
@@ -203,17 +180,14 @@ class Bucket:
 
     def reduced_grads(self) -> list[Tensor]:
         """The averaged gradient this bucket holds for its owned shard, as flat tensors."""
-        if self.direct:
-            return [g for g in self.direct_grads if g is not None]
         return [] if self.shard_grad is None else [self.shard_grad]
+
+    def reduced_views(self, indices: list[int]) -> list[Tensor]:
+        """The averaged gradient of the owned part of each parameter ``indices`` (views of ``shard_grad``)."""
+        return [self.shard_view(self.shard_grad, i) for i in indices]
 
     def release_grads(self) -> None:
         """Free the reduced gradient (after the update used it)."""
-        if self.direct:
-            freed = sum(g.numel() * g.element_size() for g in self.direct_grads if g is not None)
-            if self.tracker is not None and freed:
-                self.tracker._count_shard(-freed)
-            self.direct_grads = [None] * len(self.params)
         self.shard_grad = None
 
     def clear_grads(self) -> None:
@@ -250,7 +224,6 @@ class Bucket:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
-        self.direct_grads = [None if g is None else g.to(device) for g in self.direct_grads]
         if self.on_moved is not None:
             self.on_moved(self)
 
@@ -282,7 +255,66 @@ class Bucket:
         return Handle(h, unpack)
 
     def __repr__(self) -> str:
-        return f"Bucket(group={self.group_index}, dtype={self.dtype}, {self.layout})"
+        return f"{type(self).__name__}(group={self.group_index}, dtype={self.dtype}, {self.layout})"
+
+
+class DirectBucket(Bucket):
+    """A bucket of one process that reduces in backward (step in backward; SparseAdamW's rows): nothing to
+    reduce, so the gradients are kept per parameter -- autograd's tensors themselves when they already have the
+    accumulation dtype (no copy) -- and the "reduced shard" is those tensors."""
+
+    direct = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.comm.world_size != 1:
+            raise RuntimeError("DirectBucket is for one process (nothing to reduce)")
+        self.direct_grads: list[Tensor | None] = [None] * len(self.params)
+
+    def land(self, i: int, grad: Tensor) -> None:
+        held = self.direct_grads[i]
+        if held is None:
+            held = _flat(grad) if grad.dtype == self.acc_dtype else _flat(grad).to(self.acc_dtype)
+            self.direct_grads[i] = held
+            if self.tracker is not None:
+                self.tracker._count_shard(held.numel() * held.element_size())
+        else:
+            held.add_(_flat(grad))
+        if not self.landed[i]:
+            self.landed[i] = True
+            self.pending -= 1
+        self.present[i] = True
+
+    def fill_missing(self) -> None:
+        pass  # a missing gradient is simply absent
+
+    def launch(self) -> None:
+        self.launched = True
+
+    def finish(self) -> None:
+        pass
+
+    def reduced_grads(self) -> list[Tensor]:
+        return [g for g in self.direct_grads if g is not None]
+
+    def reduced_views(self, indices: list[int]) -> list[Tensor]:
+        out = []
+        for i in indices:  # a param without a gradient here (present on no rank is never asked for): zeros
+            g = self.direct_grads[i]
+            out.append(g if g is not None else torch.zeros(self.params[i].numel(), dtype=self.acc_dtype,
+                                                           device=self.device))
+        return out
+
+    def release_grads(self) -> None:
+        freed = sum(g.numel() * g.element_size() for g in self.direct_grads if g is not None)
+        if self.tracker is not None and freed:
+            self.tracker._count_shard(-freed)
+        self.direct_grads = [None] * len(self.params)
+        super().release_grads()
+
+    def to_device(self, device: torch.device) -> None:
+        self.direct_grads = [None if g is None else g.to(device) for g in self.direct_grads]
+        super().to_device(device)
 
 
 def check_grad(p: Tensor, grad: Tensor) -> tuple[type, str] | None:
@@ -314,10 +346,13 @@ def master_dtype_for(dtype: torch.dtype, master_dtype: torch.dtype | None) -> to
 
 
 def dense_buckets(params: list[Tensor], group_index: int, comm: Comm, bucket_size: int,
-                  master_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None) -> tuple[list[Bucket], list]:
+                  master_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
+                  in_backward: bool = False) -> tuple[list[Bucket], list]:
     """Pack the trainable params of one param group into buckets of about ``bucket_size`` elements, one dtype per
-    bucket, in reverse registration order (about the order backward produces gradients). Returns the buckets and
-    their layout signature entries (what every rank must build identically)."""
+    bucket, in reverse registration order (about the order backward produces gradients). ``in_backward``: they
+    are reduced in backward hooks (step in backward) -- in one process that makes them :class:`DirectBucket`.
+    Returns the buckets and their layout signature entries (what every rank must build identically)."""
+    cls = DirectBucket if in_backward and comm.world_size == 1 else Bucket
     trainable = [p for p in params if p.requires_grad and p.numel() > 0][::-1]
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for p in trainable:
@@ -326,7 +361,7 @@ def dense_buckets(params: list[Tensor], group_index: int, comm: Comm, bucket_siz
     for dtype, ps in by_dtype.items():
         master = master_dtype_for(dtype, master_dtype)
         for idx in plan_buckets([p.numel() for p in ps], bucket_size):
-            buckets.append(Bucket([ps[i] for i in idx], group_index, comm, reduce_dtype or dtype, master or dtype,
-                                  master))
+            buckets.append(cls([ps[i] for i in idx], group_index, comm, reduce_dtype or dtype, master or dtype,
+                               master))
             signature.append((str(dtype), [ps[i].numel() for i in idx]))
     return buckets, signature

@@ -97,7 +97,10 @@ class GradEngine:
 
     # --------------------------------------------------------------------------------------------- building
     def add_bucket(self, bucket: Bucket) -> None:
-        bucket.direct = (self.step_in_backward or bucket.always_hooked) and bucket.comm.world_size == 1
+        direct = (self.step_in_backward or bucket.always_hooked) and bucket.comm.world_size == 1
+        if bucket.direct != direct:
+            raise RuntimeError(f"internal: {bucket!r} is {'' if bucket.direct else 'not '}a DirectBucket, but this "
+                               "engine reduces it " + ("in one process in backward" if direct else "with collectives"))
         bucket.tracker = self
         bucket.on_moved = self.on_moved
         self.buckets.append(bucket)
@@ -223,8 +226,7 @@ class GradEngine:
             self._finish(self._inflight.popleft())
 
     def _finish(self, bucket: Bucket) -> None:
-        if not bucket.direct:
-            bucket.finish()
+        bucket.finish()
         if self.fused and self._final and not bucket.applied:
             # start the bucket's small agreement all-reduce now and apply it max_inflight buckets later (a fixed
             # count, the same on every rank: applying issues the all-gather), so it overlaps the rest of backward
@@ -400,15 +402,8 @@ class GradEngine:
 
     def grad_views(self, bucket: Bucket, indices: list[int]) -> list[Tensor]:
         """The averaged gradient of the owned part of each parameter ``indices`` of ``bucket``."""
-        if bucket.direct:
-            out = []
-            for i in indices:
-                g = bucket.direct_grads[i]
-                out.append(g if g is not None else torch.zeros(bucket.params[i].numel(), dtype=bucket.acc_dtype,
-                                                               device=bucket.device))
-            return out
         if self.sharded(bucket):
-            return [bucket.shard_view(bucket.shard_grad, i) for i in indices]
+            return bucket.reduced_views(indices)
         out = []
         for i in indices:
             s = bucket.layout.slots[i]

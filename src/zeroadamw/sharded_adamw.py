@@ -273,7 +273,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         groups)."""
         group = self.param_groups[gi]
         buckets, entries = dense_buckets(group["params"], gi, self.comm, self.bucket_size, self.master_dtype,
-                                         self.reduce_dtype)
+                                         self.reduce_dtype, in_backward=self.step_in_backward)
         return buckets, [gi, len(group["params"]), *entries]
 
     def _check_same_layout(self, signature: list) -> None:

@@ -51,7 +51,7 @@ from torch import Tensor
 
 from . import functional as F
 from .comm import Comm
-from .buckets import Bucket, check_grad, dense_buckets, master_dtype_for
+from .buckets import Bucket, DirectBucket, check_grad, dense_buckets, master_dtype_for
 from .options import lr_max
 from .sharded_adamw import ShardedAdamW
 
@@ -239,6 +239,10 @@ class RowBucket(Bucket):
         self.touched = self.touched.to(device)
 
 
+class DirectRowBucket(RowBucket, DirectBucket):
+    """A row-sharded param in one process: its dense gradients are kept as autograd made them (DirectBucket)."""
+
+
 class SparseAdamW(ShardedAdamW):
     _stepped_this_call = False
 
@@ -302,7 +306,8 @@ class SparseAdamW(ShardedAdamW):
             buckets, entries = [], []
             for p in [p for p in group["params"] if p.requires_grad and p.numel() > 0][::-1]:
                 master = master_dtype_for(p.dtype, self.master_dtype)
-                buckets.append(RowBucket(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master))
+                cls = DirectRowBucket if comm.world_size == 1 else RowBucket  # rows always reduce in backward
+                buckets.append(cls(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master))
                 entries.append(("rows", str(p.dtype), list(p.shape)))
         head = [gi, len(group["params"])] if group.get("sparse") != "rows" and comm is self.comm else \
             [gi, len(group["params"]), group.get("sparse")]
