@@ -8,7 +8,7 @@ import math
 import pytest
 
 from zeroadamw import cli
-from zeroadamw.doctor import CODES, Finding, diagnose, model_parameters, parse_flags, summarize
+from zeroadamw.doctor import CODES, Finding, diagnose, hf_default_optim, model_parameters, parse_flags, summarize
 
 # A sane HF TrainingArguments-style config: tau = 1/(1e-4 * 0.1) = 100k steps = 5 epochs, run = 3 epochs of 20k
 # steps (within [1/2 epoch, 2 x run]); warm-up 1000 steps (1.7 %); 1/(1-beta2) = 1000 steps (1.7 % of the run).
@@ -180,7 +180,9 @@ def test_run_length_conventions():
 
 def test_hf_defaults_are_assumed():
     f, s = summarize({"output_dir": "x", "learning_rate": 3e-5})
-    assert s["weight_decay"] == 0.0 and s["betas"] == [0.9, 0.999] and s["optimizer"] == "adamw_torch"
+    # optim: the installed transformers' default (adamw_torch_fused with torch >= 2.8), see test_hf_default_optim_*
+    assert s["weight_decay"] == 0.0 and s["betas"] == [0.9, 0.999] and s["optimizer"] == hf_default_optim()
+    assert f"optim={hf_default_optim()!r}" in s["assumed"]
     assert "tau-undefined" in codes(f) and "run-length-unknown" in codes(f)
     assert any(a.startswith("weight_decay") for a in s["assumed"])
 
@@ -320,3 +322,158 @@ def test_every_code_is_documented():
 
     for code in CODES:
         assert f"``{code}``" in doctor.__doc__, code
+
+
+# ------------------------------------------------------------------------------------- user-reported defects
+def test_suggested_warmup_is_rounded_not_truncated():
+    # 2/(1-0.999) is 1999.999... in floating point: the doctor used to suggest 1999 steps
+    f = next(x for x in diagnose({"output_dir": "x", "learning_rate": 1e-4}) if x.code == "warmup-missing")
+    assert f.data["suggested_warmup_steps"] == 2000
+    assert "`warmup_steps: 2000`" in f.fix
+    f = next(x for x in diagnose(with_(SANE_FLAGS, warmup_steps=0, steps=10**6)) if x.code == "warmup-missing")
+    assert f.data["suggested_warmup_steps"] == 40  # betas (0.9, 0.95): 2/(1-0.95) = 39.99999999999996
+
+
+def test_warmup_suggestion_with_beta2_one_does_not_crash():
+    # beta2 = 1 (invalid) without a run length used to raise OverflowError (int of an infinite horizon)
+    f = diagnose({"output_dir": "x", "learning_rate": 1e-4, "adam_beta2": 1.0})
+    assert "invalid-value" in codes(f)
+    assert next(x for x in f if x.code == "warmup-missing").data["suggested_warmup_steps"] == 100
+
+
+def test_hf_default_optim_is_the_installed_transformers_default():
+    transformers = pytest.importorskip("transformers")
+    import dataclasses
+
+    real = next(f.default for f in dataclasses.fields(transformers.TrainingArguments) if f.name == "optim")
+    real = getattr(real, "value", real)
+    assert hf_default_optim() == real
+    f, s = summarize({"output_dir": "x", "learning_rate": 3e-5, "weight_decay": 0.01, "max_steps": 1000})
+    assert s["optimizer"] == real and f"optim={real!r}" in s["assumed"]
+    assert s["decay"] == "decoupled" and s["rule"] == "adamw"
+
+
+def test_hf_default_optim_without_transformers(monkeypatch):
+    import importlib.metadata
+    import sys
+
+    import zeroadamw.doctor as doctor
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    for torch_version, expected in (("2.13.0+cpu", "adamw_torch_fused"), ("2.8.0", "adamw_torch_fused"),
+                                    ("2.7.1", "adamw_torch")):
+        monkeypatch.setattr(doctor, "_hf_default_optim", None)  # the cache
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=torch_version: v)
+        assert doctor.hf_default_optim() == expected, torch_version
+        assert summarize({"output_dir": "x"})[1]["optimizer"] == expected
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "adamw_torch_fused"])
+def test_both_torch_adamw_names_are_decoupled_adamw(optim):
+    assert diagnose(with_(SANE_HF, optim=optim)) == []
+    f, s = summarize(with_(SANE_HF, optim=optim, warmup_steps=0, learning_rate=2e-5, weight_decay=0.01))
+    assert s["optimizer"] == optim and s["decay"] == "decoupled" and s["rule"] == "adamw"
+    assert codes(f) == ["tau-too-long", "warmup-missing"]
+
+
+def _zeroadamw_cmd():
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("zeroadamw")  # the console script of this venv
+    if script.exists():
+        return [str(script)]
+    return [shutil.which("zeroadamw")] if shutil.which("zeroadamw") else [sys.executable, "-m", "zeroadamw.cli"]
+
+
+def _env(unbuffered=False):
+    import os
+    from pathlib import Path
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:  # stdout write-through: the broken pipe shows at the write, not at the flush
+        env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def test_cli_broken_pipe_after_one_line_is_quiet(tmp_path):
+    """`zeroadamw doctor F | head -1`: the reader closes after one line; no traceback."""
+    import subprocess
+
+    # an output far larger than a pipe's buffer (64 KiB), so the doctor is still writing when the reader closes
+    cfg = tmp_path / "big.json"
+    cfg.write_text(json.dumps(with_(SANE_FLAGS, rule="x" * 150_000)))
+    p = subprocess.Popen(_zeroadamw_cmd() + ["doctor", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=_env())
+    first = p.stdout.readline()
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    rc = p.wait(timeout=120)
+    assert first.startswith(b"zeroadamw doctor: ")
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert rc == 141
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize("args", [["doctor", "CFG"], ["doctor", "CFG", "--json"], ["--help"]])
+def test_cli_into_a_closed_pipe_is_quiet(tmp_path, args, unbuffered):
+    import os
+    import subprocess
+
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(SANE_HF))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write
+    try:
+        p = subprocess.run(_zeroadamw_cmd() + [str(cfg) if a == "CFG" else a for a in args], stdout=w,
+                           stderr=subprocess.PIPE, env=_env(unbuffered), timeout=120)
+    finally:
+        os.close(w)
+    err = p.stderr.decode()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    # argparse itself ignores a failed write of --help (then exits 0); a buffered --help fails at our flush
+    assert p.returncode == (0 if unbuffered and args == ["--help"] else 141)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["doctor", "--help"]])
+def test_cli_help_is_plain_text(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: zeroadamw" in out
+    for markup in ("``", ":class:", ":func:", ":data:", ":math:", "**", ".. "):
+        assert markup not in out, (markup, out)
+
+
+def test_cli_help_strips_rst_from_any_command(monkeypatch, capsys):
+    """A command whose add_arguments uses its RST docstring as the description gets plain --help too."""
+    import sys
+    import types
+
+    fake = types.ModuleType("zeroadamw_fake_command")
+
+    def add_arguments(parser):
+        parser.description = ("``zeroadamw fake``: see :class:`~zeroadamw.ShardedAdamW` and :func:`diagnose`.\n\n"
+                              "Example::\n\n    zeroadamw fake X\n\n.. code-block:: python\n\n    **bold** `x`")
+        parser.add_argument("x", help="a ``literal`` and :data:`TAU_TOLERANCE`")
+        parser.epilog = "*emphasis* and `a link <https://example.org>`_"
+
+    fake.add_arguments, fake.run = add_arguments, lambda args: 0
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    monkeypatch.setitem(cli.COMMANDS, "fake", (fake.__name__, "the ``fake`` command (:func:`run`)"))
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    top = capsys.readouterr().out
+    assert "the fake command (run)" in top
+    with pytest.raises(SystemExit):
+        cli.main(["fake", "--help"])
+    out = capsys.readouterr().out
+    for markup in ("``", ":class:", ":func:", ":data:", "**", ".. code-block", "::", "`", "<https"):
+        assert markup not in out, (markup, out)
+    assert "zeroadamw fake: see ShardedAdamW and diagnose." in out
+    assert "a literal and TAU_TOLERANCE" in out and "emphasis and a link" in out
+    assert "Example:" in out

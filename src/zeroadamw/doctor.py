@@ -31,7 +31,8 @@ a bare flag means ``true``; ``-`` and ``_`` are the same).
   ``gradient_accumulation_steps``, ``max_grad_norm``, ``fp16``, ``optim`` (``adamw_torch``, ``lomo``, ...,
   or ``zeroadamw``), ``optim_args`` (``"decay=independent,stage=2"``), ``resume_from_checkpoint``,
   ``save_only_model``, ``ignore_data_skip``. Missing keys take TrainingArguments' defaults (listed under
-  ``summary.assumed``).
+  ``summary.assumed``); ``optim``'s is read from the installed transformers (``adamw_torch_fused`` with torch ≥ 2.8,
+  else ``adamw_torch``; both are torch's AdamW, decoupled decay), by the same rule when transformers is absent.
 * **Launch flags** of ours (ShardedAdamW's names; missing keys take ShardedAdamW's defaults): ``lr``,
   ``weight_decay``, ``betas`` (or ``beta1``/``beta2``), ``eps``, ``decay`` (``decoupled`` | ``independent`` |
   ``l2``), ``stage``, ``step_in_backward``, ``rule`` (``adamw`` | ``lomo`` | ``adalomo``), ``max_grad_norm``,
@@ -85,6 +86,9 @@ length is unknown, ``tau-too-short`` fires below :data:`TAU_MIN_RUN_FRACTION` of
 Findings
 --------
 
+Each kind is defined once in :data:`FINDINGS` (code, severity, title, why, fix); each check in :data:`CHECKS` reads
+the :class:`Context` that :func:`build_context` derives once from the config and returns its findings.
+
 ========================================  ========  =========================================================
 code                                      severity  fires when
 ========================================  ========  =========================================================
@@ -128,36 +132,12 @@ import shlex
 import sys
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["Finding", "CODES", "diagnose", "summarize", "model_parameters", "load_config", "add_arguments", "run"]
+__all__ = ["Finding", "FindingKind", "FINDINGS", "CODES", "CHECKS", "Context", "build_context", "diagnose", "summarize",
+           "hf_default_optim", "suggested_warmup_steps", "model_parameters", "load_config", "add_arguments", "run"]
 
 SEVERITIES = ("info", "warn", "error")
-
-CODES: dict[str, str] = {
-    "invalid-value": "a value the optimizer would refuse",
-    "tau-too-short": "AdamW timescale shorter than about one epoch",
-    "tau-too-long": "AdamW timescale longer than the run",
-    "tau-undefined": "no weight decay: no timescale",
-    "l2-with-adam": "L2 penalty through an adaptive optimizer",
-    "decay-on-norms-biases": "weight decay on norm gains and biases",
-    "decay-on-embeddings": "weight decay on embeddings",
-    "decay-ignored": "weight_decay set but not passed to the optimizer",
-    "warmup-missing": "no learning-rate warm-up",
-    "warmup-too-long": "warm-up takes much of the run",
-    "warmup-ignored": "warm-up set but the scheduler has none",
-    "beta2-too-long-for-run": "second-moment horizon 1/(1-beta2) long against the run",
-    "accumulation-unsupported": "gradient accumulation the optimizer cannot honour",
-    "clipping-unsupported": "gradient clipping the optimizer cannot honour",
-    "accumulation-needs-no-sync": "fused step-in-backward accumulation needs no_sync()",
-    "fp16-fused-step-in-backward": "fp16 loss scaling with fused step-in-backward",
-    "ddp-with-stage-2": "DDP-reduced gradients with ZeRO stage 2",
-    "resume-without-optimizer-state": "resuming without the optimizer state",
-    "resume-data-not-skipped": "resuming replays the data from the start",
-    "independent-without-schedule-peak": "decay='independent' without a known schedule peak",
-    "run-length-unknown": "run length unknown",
-    "steps-per-epoch-unknown": "epoch length unknown",
-}
 
 TAU_TOLERANCE = 2.0
 """"About one epoch to the whole run": tau-too-short below 1/2 epoch, tau-too-long above 2x the run."""
@@ -168,11 +148,12 @@ WARMUP_MAX_FRACTION = 0.25
 BETA2_MAX_RUN_FRACTION = 0.25
 """beta2-too-long-for-run when 1/(1-beta2) exceeds this fraction of the run."""
 
+_INSTALLED_DEFAULT = object()  # a default read from the installed transformers when needed (hf_default_optim)
 # HF TrainingArguments defaults (transformers 4.46 - 5.x) for the keys the doctor reads
 HF_DEFAULTS: dict[str, Any] = {
     "learning_rate": 5e-5, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
     "num_train_epochs": 3.0, "max_steps": -1, "warmup_steps": 0, "warmup_ratio": 0.0, "lr_scheduler_type": "linear",
-    "gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "optim": "adamw_torch",
+    "gradient_accumulation_steps": 1, "max_grad_norm": 1.0, "optim": _INSTALLED_DEFAULT,
 }
 # ShardedAdamW's defaults
 FLAG_DEFAULTS: dict[str, Any] = {
@@ -419,30 +400,57 @@ class _Run:
     invalid: list[tuple[str, str]]
 
 
-def _normalise(cfg: dict) -> _Run:
-    raw = _flatten(cfg)
-    fmt = str(raw.get("format", "")).lower()
-    if fmt not in ("hf", "flags"):
-        keys = set(cfg)
-        if isinstance(cfg.get("training_args"), dict):
-            keys |= {str(k) for k in cfg["training_args"]}
-        fmt = "hf" if "training_args" in cfg or keys & set(_HF_MARKERS) else "flags"
-    defaults = HF_DEFAULTS if fmt == "hf" else FLAG_DEFAULTS
-    assumed: list[str] = []
-    invalid: list[tuple[str, str]] = []
+def hf_default_optim() -> str:
+    """The ``optim`` a ``TrainingArguments`` gets when the config does not name one.
 
-    def get(key):
-        if key in raw and raw[key] is not None:
-            return raw[key]
-        if key in defaults:
-            if defaults[key] is not None:
-                assumed.append(f"{key}={defaults[key]!r}")
-            return defaults[key]
+    Read from the installed transformers (``adamw_torch_fused`` in transformers 5 with torch >= 2.8, ``adamw_torch``
+    before); without transformers, the same rule transformers applies: ``adamw_torch_fused`` when the installed torch
+    is >= 2.8 (or unknown), else ``adamw_torch``. Both are torch's AdamW (decoupled decay), fused or not.
+    """
+    global _hf_default_optim
+    if _hf_default_optim is None:
+        _hf_default_optim = _installed_hf_default_optim() or _torch_rule_default_optim()
+    return _hf_default_optim
+
+
+_hf_default_optim: str | None = None  # cached: importing transformers' TrainingArguments takes seconds
+
+
+def _installed_hf_default_optim() -> str | None:
+    try:
+        import dataclasses
+
+        from transformers import TrainingArguments
+
+        default = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    except Exception:  # noqa: BLE001 - transformers missing, broken, or without the field: fall back
         return None
+    default = getattr(default, "value", default)  # an OptimizerNames member in some versions
+    return default if isinstance(default, str) and default else None
 
-    if "optim" not in raw and fmt == "hf" and any(k in raw for k in _OURS_MARKERS):
-        raw["optim"] = "zeroadamw"
-    optim = str(get("optim") or ("zeroadamw" if fmt == "flags" else "adamw_torch")).lower()
+
+def _torch_rule_default_optim() -> str:
+    from importlib import metadata
+
+    try:
+        major, minor = (int(re.match(r"\d+", p).group()) for p in metadata.version("torch").split(".")[:2])
+    except Exception:  # noqa: BLE001 - torch not installed or an odd version string: assume a current torch
+        return "adamw_torch_fused"
+    return "adamw_torch_fused" if (major, minor) >= (2, 8) else "adamw_torch"
+
+
+def _detect_format(cfg: dict, raw: dict) -> str:
+    fmt = str(raw.get("format", "")).lower()
+    if fmt in ("hf", "flags"):
+        return fmt
+    keys = set(cfg)
+    if isinstance(cfg.get("training_args"), dict):
+        keys |= {str(k) for k in cfg["training_args"]}
+    return "hf" if "training_args" in cfg or keys & set(_HF_MARKERS) else "flags"
+
+
+def _optimizer_kind(optim: str, raw: dict, assumed: list, invalid: list) -> tuple[bool, str, str]:
+    """(zero, rule, decay) of the optimizer ``optim`` names."""
     zero = optim in ("zeroadamw", "shardedadamw", "sharded_adamw", "zero_adamw")
     if zero:
         rule = str(raw.get("rule") or "adamw").lower()
@@ -451,46 +459,42 @@ def _normalise(cfg: dict) -> _Run:
             assumed.append("decay='decoupled'")
         if rule not in ("adamw", "lomo", "adalomo"):
             invalid.append(("rule", f"rule={rule!r} is not one of adamw, lomo, adalomo"))
+        return zero, rule, decay
+    rule = ("lomo" if optim == "lomo" else "adalomo" if optim == "adalomo" else
+            "sgd" if optim.startswith("sgd") else "adafactor" if "adafactor" in optim else "adamw")
+    if optim in _ADAPTIVE_L2 or optim.startswith(("adagrad", "rmsprop", "sgd")):
+        decay = "l2"  # torch's weight_decay for these is an L2 term added to the gradient
     else:
-        rule = ("lomo" if optim == "lomo" else "adalomo" if optim == "adalomo" else
-                "sgd" if optim.startswith("sgd") else "adafactor" if "adafactor" in optim else "adamw")
-        if optim in _ADAPTIVE_L2 or optim.startswith(("adagrad", "rmsprop", "sgd")):
-            decay = "l2"  # torch's weight_decay for these is an L2 term added to the gradient
-        else:
-            decay = "decoupled"  # adamw_*, adafactor, lomo_optim's Lomo/AdaLomo: theta *= 1 - lr * wd
-    adaptive = rule not in ("lomo", "sgd")
+        decay = "decoupled"  # adamw_torch, adamw_torch_fused, adamw_*, adafactor, lomo_optim: theta *= 1 - lr * wd
+    return zero, rule, decay
 
-    lr = _num(get("learning_rate"), 0.0)
-    wd = _num(get("weight_decay"), 0.0)
-    beta1 = _num(get("adam_beta1"), 0.9)
-    beta2 = _num(get("adam_beta2"), 0.999)
-    eps = _num(get("adam_epsilon"), 1e-8)
-    ga = int(_num(get("gradient_accumulation_steps"), 1) or 1)
-    mgn = _num(get("max_grad_norm"))
-    mgn = mgn if mgn is not None and mgn > 0 else None
 
-    if not lr > 0:
-        invalid.append(("learning_rate", f"learning rate {lr} is not > 0"))
-    if wd < 0:
-        invalid.append(("weight_decay", f"weight_decay {wd} is negative"))
-    for name, b in (("adam_beta1", beta1), ("adam_beta2", beta2)):
+def _validate(run: _Run, invalid: list) -> None:
+    """Append (key, why) for each value the optimizer would refuse."""
+    if not run.lr > 0:
+        invalid.append(("learning_rate", f"learning rate {run.lr} is not > 0"))
+    if run.wd < 0:
+        invalid.append(("weight_decay", f"weight_decay {run.wd} is negative"))
+    for name, b in (("adam_beta1", run.beta1), ("adam_beta2", run.beta2)):
         if not 0.0 <= b < 1.0:
             invalid.append((name, f"{name} = {b} is outside [0, 1)"))
-    if eps < 0:
-        invalid.append(("adam_epsilon", f"epsilon {eps} is negative"))
-    if decay not in ("decoupled", "independent", "l2"):
-        invalid.append(("decay", f"decay={decay!r} is not one of decoupled, independent, l2"))
-    if ga < 1:
-        invalid.append(("gradient_accumulation_steps", f"gradient_accumulation_steps = {ga} is < 1"))
-        ga = 1
-    if zero:
-        stage = raw.get("stage", 2)
+    if run.eps < 0:
+        invalid.append(("adam_epsilon", f"epsilon {run.eps} is negative"))
+    if run.decay not in ("decoupled", "independent", "l2"):
+        invalid.append(("decay", f"decay={run.decay!r} is not one of decoupled, independent, l2"))
+    if run.grad_accum < 1:
+        invalid.append(("gradient_accumulation_steps", f"gradient_accumulation_steps = {run.grad_accum} is < 1"))
+        run.grad_accum = 1
+    if run.zero:
+        stage = run.raw.get("stage", 2)
         if stage not in (1, 2) or isinstance(stage, bool):
             invalid.append(("stage", f"stage={stage!r} is not 1 or 2"))
-        if _truthy(raw.get("step_in_backward")) and stage == 1:
+        if _truthy(run.raw.get("step_in_backward")) and stage == 1:
             invalid.append(("stage", "step_in_backward needs stage=2 (it reduces and updates during backward)"))
 
-    # run length, in optimizer steps
+
+def _steps_per_epoch(raw: dict, ga: int, invalid: list) -> float | None:
+    """Optimizer steps per epoch: given, or from batches per epoch / samples, // accumulation as HF Trainer does."""
     spe = _num(raw.get("steps_per_epoch"))
     if spe is None and _num(raw.get("batches_per_epoch")):
         spe = float(max(int(_num(raw["batches_per_epoch"])) // ga, 1))
@@ -501,30 +505,74 @@ def _normalise(cfg: dict) -> _Run:
     if spe is not None and not spe > 0:
         invalid.append(("steps_per_epoch", f"steps_per_epoch = {spe} is not > 0"))
         spe = None
-    max_steps = _num(raw.get("max_steps"))
-    total: int | None = None
-    if max_steps is not None and max_steps > 0:
-        total = int(max_steps)
-    else:
-        epochs = _num(get("num_train_epochs")) if fmt == "hf" else _num(raw.get("num_train_epochs"))
-        if epochs is not None and epochs > 0 and spe is not None:
-            total = int(math.ceil(epochs * spe))
+    return spe
 
-    # warm-up, in optimizer steps (HF: warmup_steps >= 1 is steps, a float < 1 a ratio; else warmup_ratio)
+
+def _total_steps(raw: dict, epochs: Callable[[], float | None], spe: float | None) -> int | None:
+    """The run, in optimizer steps: ``max_steps`` when > 0, else ceil(epochs x steps per epoch). ``epochs`` is
+    called only when ``max_steps`` does not decide (reading HF's default lists it under ``assumed``)."""
+    max_steps = _num(raw.get("max_steps"))
+    if max_steps is not None and max_steps > 0:
+        return int(max_steps)
+    epochs = epochs()
+    if epochs is not None and epochs > 0 and spe is not None:
+        return int(math.ceil(epochs * spe))
+    return None
+
+
+def _warmup_steps(raw: dict, total: int | None) -> int:
+    """Warm-up in optimizer steps (HF: warmup_steps >= 1 is steps, a float < 1 a ratio; else warmup_ratio);
+    -1 when it is a ratio of an unknown run length."""
     ws = _num(raw.get("warmup_steps"), 0.0) or 0.0
     wr = _num(raw.get("warmup_ratio"), 0.0) or 0.0
     if ws >= 1:
-        warmup = int(ws)
-    elif 0 < ws < 1:
-        warmup = math.ceil(total * ws) if total else -1
-    elif wr > 0:
-        warmup = math.ceil(total * wr) if total else -1
-    else:
-        warmup = 0
+        return int(ws)
+    if 0 < ws < 1:
+        return math.ceil(total * ws) if total else -1
+    if wr > 0:
+        return math.ceil(total * wr) if total else -1
+    return 0
+
+
+def _normalise(cfg: dict) -> _Run:
+    raw = _flatten(cfg)
+    fmt = _detect_format(cfg, raw)
+    defaults = HF_DEFAULTS if fmt == "hf" else FLAG_DEFAULTS
+    assumed: list[str] = []
+    invalid: list[tuple[str, str]] = []
+
+    def get(key):
+        if key in raw and raw[key] is not None:
+            return raw[key]
+        if key in defaults:
+            value = hf_default_optim() if defaults[key] is _INSTALLED_DEFAULT else defaults[key]
+            if value is not None:
+                assumed.append(f"{key}={value!r}")
+            return value
+        return None
+
+    if "optim" not in raw and fmt == "hf" and any(k in raw for k in _OURS_MARKERS):
+        raw["optim"] = "zeroadamw"
+    optim = str(get("optim") or ("zeroadamw" if fmt == "flags" else hf_default_optim())).lower()
+    zero, rule, decay = _optimizer_kind(optim, raw, assumed, invalid)
+    lr = _num(get("learning_rate"), 0.0)
+    wd = _num(get("weight_decay"), 0.0)
+    beta1 = _num(get("adam_beta1"), 0.9)
+    beta2 = _num(get("adam_beta2"), 0.999)
+    eps = _num(get("adam_epsilon"), 1e-8)
+    ga = int(_num(get("gradient_accumulation_steps"), 1) or 1)
+    mgn = _num(get("max_grad_norm"))
+    mgn = mgn if mgn is not None and mgn > 0 else None
+    run = _Run(fmt, optim, zero, rule, decay, rule not in ("lomo", "sgd"), lr, wd, beta1, beta2, eps, ga, mgn,
+               None, None, 0, None, raw, assumed, invalid)
+    _validate(run, invalid)
+    run.steps_per_epoch = _steps_per_epoch(raw, run.grad_accum, invalid)
+    epochs = (lambda: _num(get("num_train_epochs"))) if fmt == "hf" else (lambda: _num(raw.get("num_train_epochs")))
+    run.total_steps = _total_steps(raw, epochs, run.steps_per_epoch)
+    run.warmup = _warmup_steps(raw, run.total_steps)
     sched = raw.get("lr_scheduler_type", defaults.get("lr_scheduler_type"))
-    sched = None if sched is None else str(sched).lower()
-    return _Run(fmt, optim, zero, rule, decay, adaptive, lr, wd, beta1, beta2, eps, ga, mgn, total, spe, warmup,
-                sched, raw, assumed, invalid)
+    run.scheduler = None if sched is None else str(sched).lower()
+    return run
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -651,7 +699,599 @@ def _decay_rule(run: _Run):
     return decays, desc, assumed
 
 
+# ---------------------------------------------------------------------------------------------- findings table
+@dataclass(frozen=True)
+class Variant:
+    """Another form of the same finding kind: overrides the kind's severity, ``why`` or ``fix`` (None: keep)."""
+
+    severity: str | None = None
+    why: str | None = None
+    fix: str | None = None
+
+
+@dataclass(frozen=True)
+class FindingKind:
+    """One kind of finding, defined once: stable ``code``, default ``severity``, one-line ``title``, and the
+    ``why`` / ``fix`` sentences (:meth:`str.format` templates the check fills with its numbers). ``variants`` name
+    other forms of the same code (another severity or wording); ``notes`` are sentences a check may append to
+    ``fix``."""
+
+    code: str
+    severity: str
+    title: str
+    why: str
+    fix: str
+    variants: dict[str, Variant] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for sev in (self.severity, *(v.severity for v in self.variants.values() if v.severity)):
+            if sev not in SEVERITIES:
+                raise ValueError(f"{self.code}: unknown severity {sev!r}")
+
+    @property
+    def severities(self) -> set[str]:
+        return {self.severity} | {v.severity for v in self.variants.values() if v.severity}
+
+    def make(self, message: str, data: dict | None = None, *, variant: str | None = None,
+             notes: tuple[str, ...] = (), **params) -> Finding:
+        v = self.variants[variant] if variant is not None else Variant()
+        why = (v.why or self.why).format(**params)
+        fix = (v.fix or self.fix).format(**params) + "".join(self.notes[n] for n in notes)
+        return Finding(self.code, v.severity or self.severity, message, why, fix, dict(data or {}))
+
+
+_EMA = ("AdamW's weights are an exponential moving average of its updates over the last ~τ steps (Wang & Aitchison, "
+        "ICML 2025)")
+_RUN_LENGTH_FIX = "Give `max_steps`, or `num_train_epochs` with `steps_per_epoch` (optimizer steps per epoch)."
+_USE_ZERO_LOMO = "`optim: zeroadamw` with `rule: lomo|adalomo, step_in_backward: true`"
+
+FINDINGS: dict[str, FindingKind] = {k.code: k for k in (
+    FindingKind(
+        "invalid-value", "error", "a value the optimizer would refuse",
+        "The optimizer refuses this value (or the run is meaningless with it).",
+        "Set a valid `{key}`."),
+    FindingKind(
+        "tau-too-short", "warn", "AdamW timescale shorter than about one epoch",
+        _EMA + "; with τ under an epoch the model forgets most of each epoch before the next one, i.e. it averages "
+        "over only part of the data.",
+        "Lower weight_decay: {wd_range}.",
+        variants={
+            "run-fraction": Variant(why=_EMA + "; at the end of this run they average only the last "
+                                    "{run_fraction:.1%} of it."),
+            "zeroing": Variant("error", "Every step multiplies the weights by zero or a negative number: the model "
+                                        "cannot learn."),
+        },
+        notes={
+            "independent": " (decay='independent': λ is the per-step decay at the peak lr, so it is ~lr times "
+                           "torch's λ.)",
+            "independent-zeroing": " With decay='independent', λ is the per-step decay at the peak lr, not torch's "
+                                   "λ: torch's 0.1 at lr 1e-4 is λ = 1e-5 here.",
+        }),
+    FindingKind(
+        "tau-too-long", "warn", "AdamW timescale longer than the run",
+        "With τ beyond the run the decay barely acts: the final weights still remember their initialisation (a "
+        "factor ≈ exp(-run/τ) = {init_factor:.2f} of it at constant lr), so weight decay is not doing what it is "
+        "there for; the best τ in epochs stays roughly constant as models and data scale (Wang & Aitchison, ICML "
+        "2025). Fine-tuning may want the weights to stay near the pretrained ones, which a long τ does -- but then "
+        "the decay is effectively off.",
+        "Raise weight_decay: {wd_range}. Or, if staying near the initial weights is the point, set weight_decay to 0 "
+        "and say so."),
+    FindingKind(
+        "tau-undefined", "info", "no weight decay: no timescale",
+        "Nothing pulls the weights back; fine for short fine-tunes close to a pretrained model, but the regulariser "
+        "AdamW is named for is off.",
+        "If you want decay, pick τ between one epoch and the run: decoupled λ = 1/(lr·τ), independent λ = 1/τ."),
+    FindingKind(
+        "l2-with-adam", "warn", "L2 penalty through an adaptive optimizer",
+        "The penalty's gradient λθ is divided by √v like any gradient: weights with large gradients are hardly "
+        "regularised, and the best λ moves with the learning rate (Loshchilov & Hutter, ICLR 2019). There is no "
+        "single decay timescale to reason with.",
+        "Use decoupled decay: `decay: decoupled` (torch AdamW) or `decay: independent`, and retune λ (start from the "
+        "τ band the doctor reports for it)."),
+    FindingKind(
+        "decay-on-norms-biases", "warn", "weight decay on norm gains and biases",
+        "Norm gains and biases add almost no capacity, so decaying them does not regularise; it pulls "
+        "RMSNorm/LayerNorm gains from 1 towards 0 (shrinking every activation the next layer sees) and biases "
+        "towards 0, which the network has to fight every step.",
+        "Put them in a group with weight_decay 0: `[{{'params': matrices, 'weight_decay': λ}}, {{'params': "
+        "norms_and_biases, 'weight_decay': 0.0}}]` (HF Trainer does this), then set `no_decay_groups: true`."),
+    FindingKind(
+        "decay-on-embeddings", "info", "weight decay on embeddings",
+        "An embedding row gets a gradient only when its token occurs, but is decayed every step: rare tokens' rows "
+        "shrink towards 0 between occurrences (and, tied, so do their output logits). Many LLM recipes accept this; "
+        "many exclude embeddings.",
+        "To exclude them, add the embedding to the weight_decay=0 group and set `decay_embeddings: false`."),
+    FindingKind(
+        "decay-ignored", "warn", "weight_decay set but not passed to the optimizer",
+        "The run is not regularised the way the config says.",
+        f"Use {_USE_ZERO_LOMO} (decay honoured, with the three decay modes), or build lomo_optim yourself with "
+        "`weight_decay=` and pass it to Trainer."),
+    FindingKind(
+        "warmup-missing", "warn", "no learning-rate warm-up",
+        "Adam's first updates have size ≈ lr in every coordinate whatever the gradient scale (m/√v ≈ ±1), and √v "
+        "rests on a handful of gradients; full-lr steps then can wreck a pretrained model or diverge. A linear "
+        "warm-up over ~2/(1-β2) steps (Ma & Yarats, 2021) or a few % of the run damps this.",
+        "Set `warmup_steps: {suggest}` (or a `warmup_ratio` of a few %) with a scheduler that warms up."),
+    FindingKind(
+        "warmup-too-long", "warn", "warm-up takes much of the run",
+        "The lr only reaches its peak late: the run spends much of its budget at a lower lr than the one you tuned, "
+        "and a decaying schedule has little room left.",
+        "Use a warm-up of a few % of the run (e.g. {suggest} steps).",
+        variants={"never": Variant("error", "The lr never reaches its peak: the warm-up is as long as the run, so "
+                                            "all of it runs at a lower lr than the one you tuned.")}),
+    FindingKind(
+        "warmup-ignored", "warn", "warm-up set but the scheduler has none",
+        "HF's get_scheduler builds 'constant', 'reduce_lr_on_plateau' and 'greedy' without the warm-up argument: "
+        "the run starts at full lr.",
+        "Use 'constant_with_warmup' (or 'linear' / 'cosine' / 'warmup_stable_decay')."),
+    FindingKind(
+        "beta2-too-long-for-run", "warn", "second-moment horizon 1/(1-beta2) long against the run",
+        "v then averages over most of the run: it lags when the gradient scale changes (early training, loss "
+        "spikes) — updates too small after gradients shrink, too large after they grow — and its bias correction "
+        "dominates for much of the run.",
+        "Lower β2 so that 1/(1-β2) is ≲ 10 % of the run (β2 ≈ {beta2:.3g}), or 0.95-0.98 as in LLM recipes."),
+    FindingKind(
+        "accumulation-unsupported", "error", "gradient accumulation the optimizer cannot honour",
+        "LOMO updates each parameter inside backward; HF Trainer runs backward on every micro-batch, so every "
+        "micro-batch is an update: {grad_accum} small steps instead of one accumulated one.",
+        f"Set gradient_accumulation_steps to 1 (raise the batch size instead), or use {_USE_ZERO_LOMO}, which "
+        "accumulates into a 1/N shard under `no_sync()` and updates once."),
+    FindingKind(
+        "clipping-unsupported", "error", "gradient clipping the optimizer cannot honour",
+        "LOMO frees each gradient in backward after using it, so Trainer's clip_grad_norm_ afterwards finds no "
+        "gradients: nothing is clipped. lomo_optim's own clipping needs a second backward pass (grad_norm(loss)), "
+        "which Trainer does not run.",
+        "Set `max_grad_norm: 0` and accept no clipping, or use `optim: zeroadamw` with `step_in_backward: true, "
+        "max_grad_norm: ...`: exact global-norm clipping without a second backward."),
+    FindingKind(
+        "accumulation-needs-no-sync", "info", "fused step-in-backward accumulation needs no_sync()",
+        "In the fused mode every backward outside `opt.no_sync()` updates the weights; only backward passes under "
+        "`no_sync()` accumulate. A loop (or trainer) that does not wrap all but the last micro-batch in "
+        "`no_sync()` makes an update per micro-batch.",
+        "Wrap every micro-batch but the last in `with opt.no_sync():`, or set `max_grad_norm` (the update then "
+        "waits for step())."),
+    FindingKind(
+        "fp16-fused-step-in-backward", "error", "fp16 loss scaling with fused step-in-backward",
+        "The fused mode updates each bucket before the loss scale's inf check at step() is known; ShardedAdamW "
+        "refuses this combination at the first step().",
+        "Set `max_grad_norm` (the update then waits for step(), exact clipping, no second backward), or train in "
+        "bf16 without a GradScaler."),
+    FindingKind(
+        "ddp-with-stage-2", "error", "DDP-reduced gradients with ZeRO stage 2",
+        "Stage 2 and step-in-backward reduce gradients themselves in backward hooks; DDP would reduce them again, "
+        "so ShardedAdamW refuses it.",
+        "Drop DDP and `grads_reduced` (stage 2), or use `stage: 1, grads_reduced: true` to keep DDP."),
+    FindingKind(
+        "resume-without-optimizer-state", "error", "resuming without the optimizer state",
+        "Adam restarts with m = v = 0 and step 1 on trained weights: the first updates are ±lr in every coordinate "
+        "(bias correction on empty moments), a jolt the original run had damped with warm-up; the LR schedule may "
+        "restart as well.",
+        "Load the optimizer state (zeroadamw.checkpoint.load restores model, optimizer and scheduler unless told "
+        "not to); with HF, save full checkpoints (save_only_model: false). If you must start fresh, add a warm-up."),
+    FindingKind(
+        "resume-data-not-skipped", "info", "resuming replays the data from the start",
+        "The data loader starts the epoch from its first batch again: the batches seen before the checkpoint are "
+        "seen twice and the rest of the epoch is cut short (the step counter continues).",
+        "Leave ignore_data_skip false unless skipping is too slow for your dataset."),
+    FindingKind(
+        "independent-without-schedule-peak", "warn", "decay='independent' without a known schedule peak",
+        "Independent decay is θ·(1 - λ·lr_t/lr_max): if lr_max is not the real peak, the decay is scaled by the "
+        "wrong factor (above 1·λ per step when the lr rises above lr_max).",
+        "Build the optimizer with lr = the schedule's peak and use a scheduler that scales it (LambdaLR, HF "
+        "schedules, OneCycleLR), or set the group's `initial_lr` to the peak; give `lr_scheduler_type`."),
+    FindingKind(
+        "run-length-unknown", "info", "run length unknown",
+        "τ should lie between about one epoch and the whole run; β2 and warm-up are judged against the run too.",
+        _RUN_LENGTH_FIX,
+        variants={"no-tau": Variant(why="Warm-up, β2 and the weight-decay timescale are judged against the run "
+                                        "length.")}),
+    FindingKind(
+        "steps-per-epoch-unknown", "info", "epoch length unknown",
+        "The lower end of the sensible range is one epoch: averaging over less than an epoch averages over only "
+        "part of the data.",
+        "Add `steps_per_epoch` (optimizer steps per epoch, after gradient accumulation), or `batches_per_epoch` "
+        "(len(train_dataloader)), or `num_train_samples` + batch size + world_size."),
+)}
+CODES: dict[str, str] = {code: kind.title for code, kind in FINDINGS.items()}
+"""code -> one-line title of every finding kind (:data:`FINDINGS` has the rest)."""
+
+
+def _finding(code: str, message: str, data: dict | None = None, **kw) -> Finding:
+    return FINDINGS[code].make(message, data, **kw)
+
+
+# ------------------------------------------------------------------------------------------------- context
+@dataclass
+class Timescale:
+    """The AdamW timescale τ (steps, at the peak lr) and the band it is judged against."""
+
+    tau: float
+    per_step: float  # the per-step decay η·λ (decoupled) or λ (independent)
+    epochs: float | None
+    band: tuple[float, float] | None  # sensible τ, in steps
+    multi_epoch: bool  # the run spans at least one known epoch
+    short_limit: float | None  # tau-too-short below this
+    long_limit: float | None  # tau-too-long above this
+    what: str  # "τ = 1/(lr·λ) = ... steps = ... epochs"
+    wd_range: str  # "weight_decay between ... puts τ between ..." ('' without a band)
+    data: dict
+
+
+@dataclass
+class DecayGroups:
+    """Which parameters get weight decay: the norms / biases and embeddings decayed, with the model or typical names."""
+
+    norms_biases: list[ParamInfo]
+    embeddings: list[ParamInfo]
+    grouping: str  # how the groups are built, as told or assumed
+    from_model: bool  # the names come from MODEL_CONFIG (else: typical Llama names, numel 0)
+    tied: bool
+    params: dict | None  # the summary's model counts (with MODEL_CONFIG)
+
+
+@dataclass
+class Context:
+    """What every check reads, built once per config by :func:`build_context`."""
+
+    run: _Run
+    hf_lomo: bool  # HF Trainer with lomo_optim (optim: lomo | adalomo)
+    wd_effective: float  # the weight decay the optimizer really applies
+    lr_peak: float  # the schedule's peak lr
+    tau: Timescale | None
+    groups: DecayGroups | None  # None when nothing is decayed
+    resuming: bool
+    no_opt_state: bool  # resuming without loading (or saving) the optimizer state
+    fp16: bool
+    step_in_backward: bool  # ours, fused or not
+
+    @property
+    def raw(self) -> dict:
+        return self.run.raw
+
+
+def _timescale(run: _Run, wd: float, lr_peak: float) -> Timescale | None:
+    if not (wd > 0 and run.lr > 0 and run.decay in ("decoupled", "independent", "l2")):
+        return None
+    if run.decay == "l2" and run.adaptive:  # no single timescale (l2-with-adam)
+        return None
+    independent = run.decay == "independent"
+    per_step = run.wd if independent else lr_peak * run.wd
+    tau = 1.0 / per_step
+    spe, total = run.steps_per_epoch, run.total_steps
+    tau_ep = tau / spe if spe else None
+    multi_epoch = spe is not None and total is not None and total >= spe
+    band = short_limit = None
+    if multi_epoch:
+        band, short_limit = (spe, float(total)), spe / TAU_TOLERANCE
+    elif total is not None:
+        band, short_limit = (TAU_MIN_RUN_FRACTION * total, float(total)), TAU_MIN_RUN_FRACTION * total
+    formula = "1/λ" if independent else "1/(lr·λ)"
+    what = f"τ = {formula} = {_steps(tau)} steps" + (f" = {tau_ep:.3g} epochs" if tau_ep is not None else "")
+    data = {"tau_steps": tau, "tau_epochs": tau_ep, "total_steps": total, "steps_per_epoch": spe,
+            "decay": run.decay, "weight_decay": run.wd, "lr": lr_peak}
+    wd_range = ""
+    if band:
+        def wd_for(t):  # the weight decay giving timescale t
+            return 1.0 / t if independent else 1.0 / (lr_peak * t)
+
+        lo_wd, hi_wd = wd_for(band[1]), wd_for(band[0])
+        data["weight_decay_range"] = [lo_wd, hi_wd]
+        unit = "1 epoch" if multi_epoch else f"{TAU_MIN_RUN_FRACTION:.0%} of the run"
+        wd_range = (f"weight_decay between {_fmt(lo_wd)} and {_fmt(hi_wd)} puts τ between {unit} and the whole run "
+                    f"({_steps(band[0])} to {_steps(band[1])} steps)")
+    long_limit = TAU_TOLERANCE * total if total is not None else None
+    return Timescale(tau, per_step, tau_ep, band, multi_epoch, short_limit, long_limit, what, wd_range, data)
+
+
+_ASSUMED_GROUPING = ("; assumed, since the config does not say how param groups are built: set `no_decay_groups` / "
+                     "`decay_embeddings`")
+
+
+def _decay_groups(run: _Run, model_config: dict | None, use_transformers: bool) -> DecayGroups:
+    decays, desc, assumed = _decay_rule(run)
+    params = None
+    if model_config is not None:
+        plist = model_parameters(model_config, use_transformers=use_transformers)
+        dec = [p for p in plist if decays(p.name, p.kind)]
+        params = {"total": sum(p.numel for p in plist), "decayed": sum(p.numel for p in dec),
+                  "tensors": len(plist), "decayed_tensors": len(dec), "grouping": desc}
+        nb = [p for p in dec if p.kind in ("norm", "bias")]
+        emb = [p for p in dec if p.kind == "embedding"]
+    else:
+        nb = [ParamInfo(n, 0, k) for k in ("norm", "bias") for n in _TYPICAL[k] if decays(n, k)]
+        emb = [ParamInfo(n, 0, "embedding") for n in _TYPICAL["embedding"] if decays(n, "embedding")]
+    grouping = desc + (_ASSUMED_GROUPING if assumed else "")
+    tied = bool(model_config and model_config.get("tie_word_embeddings"))
+    return DecayGroups(nb, emb, grouping, model_config is not None, tied, params)
+
+
+def build_context(config: dict, model_config: dict | None = None, *, use_transformers: bool = True) -> Context:
+    """Normalise ``config`` and derive what the checks share (timescale, decayed params, resume state)."""
+    run = _normalise(config)
+    raw = run.raw
+    hf_lomo = run.format == "hf" and not run.zero and run.optim in ("lomo", "adalomo")
+    wd_effective = 0.0 if hf_lomo else run.wd  # Trainer passes only lr to lomo_optim (decay-ignored)
+    lr_peak = _num(raw.get("lr_max")) or run.lr
+    resuming = _truthy(raw.get("resume_from_checkpoint"))
+    no_opt_state = resuming and (
+        ("load_optimizer" in raw and not _truthy(raw["load_optimizer"]))
+        or _truthy(raw.get("skip_optimizer_state")) or _truthy(raw.get("ignore_optimizer_state"))
+        or _truthy(raw.get("save_only_model")))
+    return Context(
+        run=run, hf_lomo=hf_lomo, wd_effective=wd_effective, lr_peak=lr_peak,
+        tau=_timescale(run, wd_effective, lr_peak),
+        groups=_decay_groups(run, model_config, use_transformers) if wd_effective > 0 else None,
+        resuming=resuming, no_opt_state=no_opt_state,
+        fp16=_truthy(raw.get("fp16")) or str(raw.get("mixed_precision", "")).lower() == "fp16",
+        step_in_backward=run.zero and _truthy(raw.get("step_in_backward")))
+
+
 # -------------------------------------------------------------------------------------------------- checks
+# Each check reads the context and returns its findings (usually none or one); CHECKS runs them in order.
+def check_invalid_values(ctx: Context) -> list[Finding]:
+    return [_finding("invalid-value", f"{msg}.", {"key": key}, key=key) for key, msg in ctx.run.invalid]
+
+
+_LOMO_CLASSES = {"lomo": "Lomo", "adalomo": "AdaLomo"}  # lomo_optim's class for HF's optim name
+
+
+def check_decay_ignored(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (ctx.hf_lomo and run.wd > 0):
+        return []
+    return [_finding(
+        "decay-ignored", f"weight_decay = {run.wd} with optim '{run.optim}': HF Trainer builds lomo_optim's "
+        f"{_LOMO_CLASSES[run.optim]} from the model and `lr` only, so the optimizer runs with its default weight_decay = 0.",
+        {"weight_decay": run.wd})]
+
+
+def check_l2_with_adam(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (ctx.wd_effective > 0 and run.lr > 0 and run.decay == "l2" and run.adaptive):
+        return []
+    return [_finding(
+        "l2-with-adam", f"weight decay is an L2 penalty (decay='l2', λ = {run.wd}) through an adaptive optimizer "
+        f"({run.optim}{'' if not run.zero else ', rule ' + run.rule}).", {"weight_decay": run.wd})]
+
+
+def check_timescale(ctx: Context) -> list[Finding]:
+    """tau-too-short (error when the per-step factor 1 - η·λ is <= 0) or tau-too-long."""
+    t, run = ctx.tau, ctx.run
+    if t is None:
+        return []
+    total, spe = run.total_steps, run.steps_per_epoch
+    independent = run.decay == "independent"
+    if t.per_step >= 1.0:
+        return [_finding("tau-too-short", f"{t.what}: the per-step decay factor {1 - t.per_step:.3g} is ≤ 0.", t.data,
+                         variant="zeroing", notes=("independent-zeroing",) if independent else (),
+                         wd_range=t.wd_range or "λ·lr must be far below 1")]
+    if t.short_limit is not None and t.tau < t.short_limit:
+        if t.multi_epoch:
+            variant, where = None, f"shorter than about one epoch ({_steps(spe)} steps)"
+        else:
+            variant, where = "run-fraction", f"under {TAU_MIN_RUN_FRACTION:.0%} of the {_steps(total)}-step run"
+        return [_finding("tau-too-short", f"{t.what}: {where}.", t.data, variant=variant,
+                         notes=("independent",) if independent else (), wd_range=t.wd_range,
+                         run_fraction=t.tau / total)]
+    if t.long_limit is not None and t.tau > t.long_limit:
+        epochs = f" ({total / spe:.3g} epochs)" if spe else ""
+        return [_finding("tau-too-long", f"{t.what}: {t.tau / total:.3g}x the {_steps(total)}-step run{epochs}.",
+                         t.data, wd_range=t.wd_range, init_factor=math.exp(-total / t.tau))]
+    return []
+
+
+def check_tau_undefined(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (run.wd == 0 and run.lr > 0):
+        return []
+    return [_finding("tau-undefined", "weight_decay = 0: no weight decay, so no AdamW timescale.")]
+
+
+def check_run_length(ctx: Context) -> list[Finding]:
+    """run-length-unknown, or steps-per-epoch-unknown when only the epoch length (needed for τ) is missing."""
+    t, run = ctx.tau, ctx.run
+    if run.total_steps is None:
+        if t is not None:
+            return [_finding("run-length-unknown",
+                             f"{t.what}; the run length is unknown, so τ is not compared with it.", t.data)]
+        return [_finding("run-length-unknown", "The run length is unknown (no `max_steps`, or no epochs × steps "
+                         "per epoch).", variant="no-tau")]
+    if t is not None and run.steps_per_epoch is None:
+        return [_finding("steps-per-epoch-unknown", f"{t.what}; steps per epoch unknown, so τ cannot be put in "
+                         "epochs (only compared with the run).", t.data)]
+    return []
+
+
+def check_decay_on_norms_biases(ctx: Context) -> list[Finding]:
+    g = ctx.groups
+    if g is None or not g.norms_biases:
+        return []
+    nb = g.norms_biases
+    what = " and ".join({"norm": "norm gains", "bias": "biases"}[k] for k in sorted({p.kind for p in nb}))
+    elements = sum(p.numel for p in nb)
+    if g.from_model:
+        ex = ", ".join(p.name for p in nb[:3]) + (", ..." if len(nb) > 3 else "")
+        count = f": {len(nb)} tensors, {elements:,} elements ({ex})"
+    else:
+        count = f" (grouping: {g.grouping})"
+    return [_finding("decay-on-norms-biases", f"Weight decay λ = {ctx.run.wd} is applied to {what}{count}.",
+                     {"params": [p.name for p in nb][:50], "elements": elements})]
+
+
+def check_decay_on_embeddings(ctx: Context) -> list[Finding]:
+    g = ctx.groups
+    if g is None or not g.embeddings:
+        return []
+    emb = g.embeddings
+    elements = sum(p.numel for p in emb)
+    if g.from_model:
+        count = (f": {', '.join(p.name for p in emb)} ({elements:,} elements"
+                 + (", tied to the output layer)" if g.tied else ")"))
+    else:
+        count = f" (grouping: {g.grouping})"
+    return [_finding("decay-on-embeddings", f"Weight decay λ = {ctx.run.wd} is applied to the embeddings{count}.",
+                     {"params": [p.name for p in emb], "elements": elements})]
+
+
+def suggested_warmup_steps(beta2: float, rule: str = "adamw", total_steps: int | None = None) -> int:
+    """~2/(1-β2) steps for Adam (Ma & Yarats, 2021), 100 for the other rules; at most 10 % of a known run."""
+    horizon = 1.0 / (1.0 - beta2) if beta2 < 1 else math.inf
+    suggest = 2 * horizon if rule == "adamw" else 100
+    if total_steps:
+        suggest = min(suggest, max(1, round(0.1 * total_steps)))
+    if math.isinf(suggest):  # β2 >= 1 (reported as invalid-value) and no run length to bound it
+        suggest = 100
+    # round(), not int(): 2/(1-0.999) is 1999.9999999999982 in floating point (1 - 0.999 = 0.0010000000000000009),
+    # which int() truncates to 1999. The formula means "about this many steps", so the nearest whole step is the
+    # answer for any β2 (2000 for 0.999, 40 for 0.95, 667 for 0.997); round() absorbs a float error of either sign,
+    # where ceil() would turn 2000.0000000001 into 2001.
+    return int(round(suggest))
+
+
+def check_warmup_missing(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (run.adaptive and run.warmup == 0 and (not ctx.resuming or ctx.no_opt_state) and run.lr > 0):
+        return []
+    suggest = suggested_warmup_steps(run.beta2, run.rule, run.total_steps)
+    return [_finding("warmup-missing", f"No learning-rate warm-up ({run.optim}"
+                     f"{', rule ' + run.rule if run.zero else ''}, lr {_fmt(run.lr)} from step 1).",
+                     {"suggested_warmup_steps": suggest}, suggest=suggest)]
+
+
+def check_warmup_ignored(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (run.warmup != 0 and run.scheduler in _NO_WARMUP_SCHEDULES):
+        return []
+    return [_finding("warmup-ignored", f"Warm-up is set, but lr_scheduler_type '{run.scheduler}' has no warm-up.",
+                     {"scheduler": run.scheduler})]
+
+
+def check_warmup_too_long(ctx: Context) -> list[Finding]:
+    run, total = ctx.run, ctx.run.total_steps
+    if not (total and run.warmup > 0 and run.warmup > WARMUP_MAX_FRACTION * total):
+        return []
+    return [_finding(
+        "warmup-too-long", f"Warm-up is {_steps(run.warmup)} of {_steps(total)} steps ({run.warmup / total:.0%} of "
+        "the run).", {"warmup_steps": run.warmup, "total_steps": total},
+        variant="never" if run.warmup >= total else None, suggest=max(1, round(0.05 * total)))]
+
+
+def check_beta2_horizon(ctx: Context) -> list[Finding]:
+    run, total = ctx.run, ctx.run.total_steps
+    if not (run.rule == "adamw" and total and run.beta2 < 1):
+        return []
+    horizon = 1.0 / (1.0 - run.beta2)
+    if horizon <= BETA2_MAX_RUN_FRACTION * total:
+        return []
+    return [_finding(
+        "beta2-too-long-for-run", f"β2 = {run.beta2}: the second-moment average spans 1/(1-β2) = {_steps(horizon)} "
+        f"steps, {horizon / total:.0%} of the {_steps(total)}-step run.",
+        {"beta2": run.beta2, "horizon_steps": horizon, "total_steps": total}, beta2=max(1.0 - 10.0 / total, 0.5))]
+
+
+def check_lomo_accumulation(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (ctx.hf_lomo and run.grad_accum > 1):
+        return []
+    return [_finding("accumulation-unsupported",
+                     f"gradient_accumulation_steps = {run.grad_accum} with optim '{run.optim}' (lomo_optim).",
+                     {"gradient_accumulation_steps": run.grad_accum}, grad_accum=run.grad_accum)]
+
+
+def check_lomo_clipping(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (ctx.hf_lomo and run.max_grad_norm is not None):
+        return []
+    return [_finding("clipping-unsupported", f"max_grad_norm = {run.max_grad_norm} with optim '{run.optim}' "
+                     "(lomo_optim).", {"max_grad_norm": run.max_grad_norm})]
+
+
+def check_fp16_fused_step_in_backward(ctx: Context) -> list[Finding]:
+    if not (ctx.step_in_backward and ctx.run.max_grad_norm is None and ctx.fp16):
+        return []
+    return [_finding("fp16-fused-step-in-backward", "step_in_backward without max_grad_norm (fused: updates during "
+                     "backward) with fp16 loss scaling.")]
+
+
+def check_fused_accumulation(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (ctx.step_in_backward and run.max_grad_norm is None and run.grad_accum > 1):
+        return []
+    return [_finding("accumulation-needs-no-sync",
+                     f"gradient_accumulation_steps = {run.grad_accum} with fused step_in_backward.",
+                     {"gradient_accumulation_steps": run.grad_accum})]
+
+
+def check_ddp_with_stage_2(ctx: Context) -> list[Finding]:
+    if not (ctx.run.zero and _truthy(ctx.raw.get("grads_reduced"))
+            and (ctx.raw.get("stage", 2) == 2 or ctx.step_in_backward)):
+        return []
+    return [_finding("ddp-with-stage-2", "grads_reduced (a DDP-wrapped model) with stage 2 / step_in_backward.")]
+
+
+def check_resume_optimizer_state(ctx: Context) -> list[Finding]:
+    if not (ctx.resuming and ctx.no_opt_state):
+        return []
+    reason = ("the checkpoints are saved with save_only_model: true (no optimizer or scheduler state)"
+              if _truthy(ctx.raw.get("save_only_model")) else "the optimizer state is not loaded")
+    return [_finding("resume-without-optimizer-state",
+                     f"resume_from_checkpoint = {ctx.raw.get('resume_from_checkpoint')!r}, but {reason}.")]
+
+
+def check_resume_data_skip(ctx: Context) -> list[Finding]:
+    if not (ctx.resuming and _truthy(ctx.raw.get("ignore_data_skip"))):
+        return []
+    return [_finding("resume-data-not-skipped", "Resuming with ignore_data_skip: true.")]
+
+
+def check_independent_schedule_peak(ctx: Context) -> list[Finding]:
+    run = ctx.run
+    if not (run.decay == "independent" and run.wd > 0):
+        return []
+    peak, sched = _num(ctx.raw.get("lr_max")), run.scheduler
+    if (peak is not None and not math.isclose(peak, run.lr, rel_tol=1e-9)
+            and sched not in ("one_cycle", "onecycle")):
+        reason = (f"the schedule's peak lr {peak} differs from the optimizer's lr {run.lr}; ShardedAdamW divides by "
+                  "the group's initial_lr (OneCycleLR's max_lr when present)")
+    elif sched is None:
+        reason = "no lr_scheduler_type is given, so the schedule's peak is unknown"
+    elif sched not in _KNOWN_SCHEDULES:
+        reason = (f"lr_scheduler_type '{sched}' is unknown to the doctor; its peak may not be the lr the optimizer "
+                  "was built with")
+    else:
+        return []
+    return [_finding("independent-without-schedule-peak", f"decay='independent' but {reason}.",
+                     {"lr": run.lr, "lr_max": peak, "scheduler": sched})]
+
+
+CHECKS = [
+    check_invalid_values,
+    check_decay_ignored,
+    check_l2_with_adam,
+    check_timescale,
+    check_tau_undefined,
+    check_run_length,
+    check_decay_on_norms_biases,
+    check_decay_on_embeddings,
+    check_warmup_missing,
+    check_warmup_ignored,
+    check_warmup_too_long,
+    check_beta2_horizon,
+    check_lomo_accumulation,
+    check_lomo_clipping,
+    check_fp16_fused_step_in_backward,
+    check_fused_accumulation,
+    check_ddp_with_stage_2,
+    check_resume_optimizer_state,
+    check_resume_data_skip,
+    check_independent_schedule_peak,
+]
+"""The checks :func:`summarize` runs, in order (the findings are then sorted, errors first, stably)."""
+
+_SEVERITY_ORDER = {"error": 0, "warn": 1, "info": 2}
+
+
 def diagnose(config: dict, model_config: dict | None = None, *, use_transformers: bool = True) -> list[Finding]:
     """Check a training config (HF TrainingArguments-style dict or our launch flags; see the module docstring)
     and, optionally, the model's ``config.json``. Returns the findings, errors first."""
@@ -663,355 +1303,40 @@ def summarize(config: dict, model_config: dict | None = None, *,
     """:func:`diagnose` plus the summary the CLI prints (timescale, run length, parameter counts...)."""
     if not isinstance(config, dict):
         raise TypeError(f"config must be a dict, got {type(config).__name__}")
-    run = _normalise(config)
-    F: list[Finding] = []
-    add = F.append
-    raw = run.raw
+    ctx = build_context(config, model_config, use_transformers=use_transformers)
+    findings = [f for check in CHECKS for f in check(ctx)]
+    findings.sort(key=lambda f: _SEVERITY_ORDER[f.severity])
+    return findings, _summary(ctx, findings)
 
-    for key, msg in run.invalid:
-        add(Finding("invalid-value", "error", f"{msg}.", "The optimizer refuses this value (or the run is "
-                    "meaningless with it).", f"Set a valid `{key}`.", {"key": key}))
 
-    hf_lomo = run.format == "hf" and (not run.zero) and run.optim in ("lomo", "adalomo")
-    wd_effective = run.wd
-    if hf_lomo and run.wd > 0:
-        add(Finding(
-            "decay-ignored", "warn",
-            f"weight_decay = {run.wd} with optim '{run.optim}': HF Trainer builds lomo_optim's {run.optim.title()}"
-            " from the model and `lr` only, so the optimizer runs with its default weight_decay = 0.",
-            "The run is not regularised the way the config says.",
-            "Use `optim: zeroadamw` with `rule: lomo|adalomo, step_in_backward: true` (decay honoured, with the "
-            "three decay modes), or build lomo_optim yourself with `weight_decay=` and pass it to Trainer.",
-            {"weight_decay": run.wd}))
-        wd_effective = 0.0
-
-    # ---------------------------------------------------------------- timescale
-    tau = tau_ep = None
-    band = None
-    lr_peak = _num(raw.get("lr_max")) or run.lr
-    if wd_effective > 0 and run.lr > 0 and run.decay in ("decoupled", "independent", "l2"):
-        if run.decay == "l2" and run.adaptive:
-            add(Finding(
-                "l2-with-adam", "warn",
-                f"weight decay is an L2 penalty (decay='l2', λ = {run.wd}) through an adaptive optimizer "
-                f"({run.optim}{'' if not run.zero else ', rule ' + run.rule}).",
-                "The penalty's gradient λθ is divided by √v like any gradient: weights with large gradients are "
-                "hardly regularised, and the best λ moves with the learning rate (Loshchilov & Hutter, ICLR 2019). "
-                "There is no single decay timescale to reason with.",
-                "Use decoupled decay: `decay: decoupled` (torch AdamW) or `decay: independent`, and retune λ "
-                "(start from the τ band the doctor reports for it).",
-                {"weight_decay": run.wd}))
-        else:
-            per_step = run.wd if run.decay == "independent" else lr_peak * run.wd
-            tau = 1.0 / per_step
-    if tau is not None:
-        spe, total = run.steps_per_epoch, run.total_steps
-        tau_ep = tau / spe if spe else None
-        multi_epoch = spe is not None and total is not None and total >= spe
-        if multi_epoch:
-            band = (spe, float(total))
-            short_limit = spe / TAU_TOLERANCE
-        elif total is not None:
-            band = (TAU_MIN_RUN_FRACTION * total, float(total))
-            short_limit = TAU_MIN_RUN_FRACTION * total
-        else:
-            short_limit = None
-        long_limit = TAU_TOLERANCE * total if total is not None else None
-
-        def wd_for(t):  # the weight decay giving timescale t
-            return 1.0 / t if run.decay == "independent" else 1.0 / (lr_peak * t)
-
-        formula = "1/λ" if run.decay == "independent" else "1/(lr·λ)"
-        what = f"τ = {formula} = {_steps(tau)} steps" + (f" = {tau_ep:.3g} epochs" if tau_ep is not None else "")
-        data = {"tau_steps": tau, "tau_epochs": tau_ep, "total_steps": total, "steps_per_epoch": spe,
-                "decay": run.decay, "weight_decay": run.wd, "lr": lr_peak}
-        wd_range = ""
-        if band:
-            lo_wd, hi_wd = wd_for(band[1]), wd_for(band[0])
-            data["weight_decay_range"] = [lo_wd, hi_wd]
-            unit = "1 epoch" if multi_epoch else f"{TAU_MIN_RUN_FRACTION:.0%} of the run"
-            wd_range = (f"weight_decay between {_fmt(lo_wd)} and {_fmt(hi_wd)} puts τ between {unit} and the whole "
-                        f"run ({_steps(band[0])} to {_steps(band[1])} steps)")
-        if per_step >= 1.0:
-            add(Finding(
-                "tau-too-short", "error",
-                f"{what}: the per-step decay factor {1 - per_step:.3g} is ≤ 0.",
-                "Every step multiplies the weights by zero or a negative number: the model cannot learn.",
-                f"Lower weight_decay: {wd_range or 'λ·lr must be far below 1'}."
-                + (" With decay='independent', λ is the per-step decay at the peak lr, not torch's λ: torch's "
-                   "0.1 at lr 1e-4 is λ = 1e-5 here." if run.decay == "independent" else ""), data))
-        elif short_limit is not None and tau < short_limit:
-            if multi_epoch:
-                why = ("AdamW's weights are an exponential moving average of its updates over the last ~τ steps "
-                       "(Wang & Aitchison, ICML 2025); with τ under an epoch the model forgets most of each epoch "
-                       "before the next one, i.e. it averages over only part of the data.")
-                where = f"shorter than about one epoch ({_steps(spe)} steps)"
-            else:
-                why = ("AdamW's weights are an exponential moving average of its updates over the last ~τ steps "
-                       "(Wang & Aitchison, ICML 2025); at the end of this run they average only the last "
-                       f"{tau / total:.1%} of it.")
-                where = f"under {TAU_MIN_RUN_FRACTION:.0%} of the {_steps(total)}-step run"
-            add(Finding("tau-too-short", "warn", f"{what}: {where}.", why,
-                        f"Lower weight_decay: {wd_range}."
-                        + (" (decay='independent': λ is the per-step decay at the peak lr, so it is ~lr times "
-                           "torch's λ.)" if run.decay == "independent" else ""), data))
-        elif long_limit is not None and tau > long_limit:
-            add(Finding(
-                "tau-too-long", "warn",
-                f"{what}: {tau / total:.3g}x the {_steps(total)}-step run"
-                + (f" ({total / spe:.3g} epochs)" if spe else "") + ".",
-                "With τ beyond the run the decay barely acts: the final weights still remember their "
-                f"initialisation (a factor ≈ exp(-run/τ) = {math.exp(-total / tau):.2f} of it at constant lr), so "
-                "weight decay is not doing what it is there for; the best τ in epochs stays roughly constant as "
-                "models and data scale (Wang & Aitchison, ICML 2025). Fine-tuning may want the weights to stay near "
-                "the pretrained ones, which a long τ does -- but then the decay is effectively off.",
-                f"Raise weight_decay: {wd_range}. Or, if staying near the initial weights is the point, set "
-                "weight_decay to 0 and say so." if wd_range else
-                "Raise weight_decay so that τ is at most the run length.", data))
-        if total is None:
-            add(Finding(
-                "run-length-unknown", "info", f"{what}; the run length is unknown, so τ is not compared with it.",
-                "τ should lie between about one epoch and the whole run; β2 and warm-up are judged against the "
-                "run too.",
-                "Give `max_steps`, or `num_train_epochs` with `steps_per_epoch` (optimizer steps per epoch).", data))
-        elif spe is None:
-            add(Finding(
-                "steps-per-epoch-unknown", "info",
-                f"{what}; steps per epoch unknown, so τ cannot be put in epochs (only compared with the run).",
-                "The lower end of the sensible range is one epoch: averaging over less than an epoch averages over "
-                "only part of the data.",
-                "Add `steps_per_epoch` (optimizer steps per epoch, after gradient accumulation), or "
-                "`batches_per_epoch` (len(train_dataloader)), or `num_train_samples` + batch size + world_size.",
-                data))
-    elif run.wd == 0 and run.lr > 0:
-        add(Finding(
-            "tau-undefined", "info", "weight_decay = 0: no weight decay, so no AdamW timescale.",
-            "Nothing pulls the weights back; fine for short fine-tunes close to a pretrained model, but the "
-            "regulariser AdamW is named for is off.",
-            "If you want decay, pick τ between one epoch and the run: decoupled λ = 1/(lr·τ), "
-            "independent λ = 1/τ.",
-            {}))
-    if tau is None and run.total_steps is None and not any(f.code == "run-length-unknown" for f in F):
-        add(Finding(
-            "run-length-unknown", "info", "The run length is unknown (no `max_steps`, or no epochs × steps per "
-            "epoch).", "Warm-up, β2 and the weight-decay timescale are judged against the run length.",
-            "Give `max_steps`, or `num_train_epochs` with `steps_per_epoch` (optimizer steps per epoch).", {}))
-
-    # ---------------------------------------------------------------- which params get decay
-    params_summary = None
-    if wd_effective > 0:
-        decays, desc, assumed = _decay_rule(run)
-        note = ("; assumed, since the config does not say how param groups are built: set `no_decay_groups` / "
-                "`decay_embeddings`" if assumed else "")
-        if model_config is not None:
-            plist = model_parameters(model_config, use_transformers=use_transformers)
-            dec = [p for p in plist if decays(p.name, p.kind)]
-            params_summary = {"total": sum(p.numel for p in plist), "decayed": sum(p.numel for p in dec),
-                              "tensors": len(plist), "decayed_tensors": len(dec), "grouping": desc}
-            nb = [p for p in dec if p.kind in ("norm", "bias")]
-            emb = [p for p in dec if p.kind == "embedding"]
-        else:
-            nb = [ParamInfo(n, 0, k) for k in ("norm", "bias") for n in _TYPICAL[k] if decays(n, k)]
-            emb = [ParamInfo(n, 0, "embedding") for n in _TYPICAL["embedding"] if decays(n, "embedding")]
-        if nb:
-            kinds = sorted({p.kind for p in nb})
-            what_nb = " and ".join({"norm": "norm gains", "bias": "biases"}[k] for k in kinds)
-            if model_config is not None:
-                ex = ", ".join(p.name for p in nb[:3]) + (", ..." if len(nb) > 3 else "")
-                count = f": {len(nb)} tensors, {sum(p.numel for p in nb):,} elements ({ex})"
-            else:
-                count = f" (grouping: {desc}{note})"
-            add(Finding(
-                "decay-on-norms-biases", "warn", f"Weight decay λ = {run.wd} is applied to {what_nb}{count}.",
-                "Norm gains and biases add almost no capacity, so decaying them does not regularise; it pulls "
-                "RMSNorm/LayerNorm gains from 1 towards 0 (shrinking every activation the next layer sees) and "
-                "biases towards 0, which the network has to fight every step.",
-                "Put them in a group with weight_decay 0: `[{'params': matrices, 'weight_decay': λ}, {'params': "
-                "norms_and_biases, 'weight_decay': 0.0}]` (HF Trainer does this), then set `no_decay_groups: true`.",
-                {"params": [p.name for p in nb][:50], "elements": sum(p.numel for p in nb)}))
-        if emb:
-            if model_config is not None:
-                count = f": {', '.join(p.name for p in emb)} ({sum(p.numel for p in emb):,} elements" + (
-                    ", tied to the output layer)" if model_config.get("tie_word_embeddings") else ")")
-            else:
-                count = f" (grouping: {desc}{note})"
-            add(Finding(
-                "decay-on-embeddings", "info", f"Weight decay λ = {run.wd} is applied to the embeddings{count}.",
-                "An embedding row gets a gradient only when its token occurs, but is decayed every step: rare "
-                "tokens' rows shrink towards 0 between occurrences (and, tied, so do their output logits). Many "
-                "LLM recipes accept this; many exclude embeddings.",
-                "To exclude them, add the embedding to the weight_decay=0 group and set `decay_embeddings: false`.",
-                {"params": [p.name for p in emb], "elements": sum(p.numel for p in emb)}))
-
-    # ---------------------------------------------------------------- warm-up and β2
-    total = run.total_steps
-    resuming = _truthy(raw.get("resume_from_checkpoint"))
-    no_opt_state = (resuming and (
-        ("load_optimizer" in raw and not _truthy(raw["load_optimizer"]))
-        or _truthy(raw.get("skip_optimizer_state")) or _truthy(raw.get("ignore_optimizer_state"))
-        or _truthy(raw.get("save_only_model"))))
-    if run.adaptive and run.warmup == 0 and (not resuming or no_opt_state) and run.lr > 0:
-        horizon = 1.0 / (1.0 - run.beta2) if run.beta2 < 1 else float("inf")
-        suggest = 2 * horizon if run.rule == "adamw" else 100
-        if total:
-            suggest = min(suggest, max(1, round(0.1 * total)))
-        add(Finding(
-            "warmup-missing", "warn", f"No learning-rate warm-up ({run.optim}"
-            f"{', rule ' + run.rule if run.zero else ''}, lr {_fmt(run.lr)} from step 1).",
-            "Adam's first updates have size ≈ lr in every coordinate whatever the gradient scale (m/√v ≈ ±1), "
-            "and √v rests on a handful of gradients; full-lr steps then can wreck a pretrained model or diverge. A "
-            "linear warm-up over ~2/(1-β2) steps (Ma & Yarats, 2021) or a few % of the run damps this.",
-            f"Set `warmup_steps: {int(suggest)}` (or a `warmup_ratio` of a few %) with a scheduler that warms up.",
-            {"suggested_warmup_steps": int(suggest)}))
-    if run.warmup != 0 and run.scheduler in _NO_WARMUP_SCHEDULES:
-        add(Finding(
-            "warmup-ignored", "warn", f"Warm-up is set, but lr_scheduler_type '{run.scheduler}' has no warm-up.",
-            "HF's get_scheduler builds 'constant', 'reduce_lr_on_plateau' and 'greedy' without the warm-up "
-            "argument: the run starts at full lr.",
-            "Use 'constant_with_warmup' (or 'linear' / 'cosine' / 'warmup_stable_decay').",
-            {"scheduler": run.scheduler}))
-    if total and run.warmup > 0 and run.warmup > WARMUP_MAX_FRACTION * total:
-        sev = "error" if run.warmup >= total else "warn"
-        add(Finding(
-            "warmup-too-long", sev,
-            f"Warm-up is {_steps(run.warmup)} of {_steps(total)} steps ({run.warmup / total:.0%} of the run).",
-            "The lr only reaches its peak " + ("never" if run.warmup >= total else "late") + ": the run spends "
-            "much of its budget at a lower lr than the one you tuned, and a decaying schedule has little room left.",
-            f"Use a warm-up of a few % of the run (e.g. {max(1, round(0.05 * total))} steps).",
-            {"warmup_steps": run.warmup, "total_steps": total}))
-    if run.rule == "adamw" and total and run.beta2 < 1:
-        horizon = 1.0 / (1.0 - run.beta2)
-        if horizon > BETA2_MAX_RUN_FRACTION * total:
-            b2 = 1.0 - 10.0 / total
-            add(Finding(
-                "beta2-too-long-for-run", "warn",
-                f"β2 = {run.beta2}: the second-moment average spans 1/(1-β2) = {_steps(horizon)} steps, "
-                f"{horizon / total:.0%} of the {_steps(total)}-step run.",
-                "v then averages over most of the run: it lags when the gradient scale changes (early training, "
-                "loss spikes) — updates too small after gradients shrink, too large after they grow — and its "
-                "bias correction dominates for much of the run.",
-                f"Lower β2 so that 1/(1-β2) is ≲ 10 % of the run (β2 ≈ {max(b2, 0.5):.3g}), or 0.95-0.98 as in "
-                "LLM recipes.", {"beta2": run.beta2, "horizon_steps": horizon, "total_steps": total}))
-
-    # ---------------------------------------------------------------- accumulation / clipping the mode cannot honour
-    fp16 = _truthy(raw.get("fp16")) or str(raw.get("mixed_precision", "")).lower() == "fp16"
-    if hf_lomo:
-        if run.grad_accum > 1:
-            add(Finding(
-                "accumulation-unsupported", "error",
-                f"gradient_accumulation_steps = {run.grad_accum} with optim '{run.optim}' (lomo_optim).",
-                "LOMO updates each parameter inside backward; HF Trainer runs backward on every micro-batch, so "
-                f"every micro-batch is an update: {run.grad_accum} small steps instead of one accumulated one.",
-                "Set gradient_accumulation_steps to 1 (raise the batch size instead), or use `optim: zeroadamw` "
-                "with `rule: lomo|adalomo, step_in_backward: true`, which accumulates into a 1/N shard under "
-                "`no_sync()` and updates once.", {"gradient_accumulation_steps": run.grad_accum}))
-        if run.max_grad_norm is not None:
-            add(Finding(
-                "clipping-unsupported", "error",
-                f"max_grad_norm = {run.max_grad_norm} with optim '{run.optim}' (lomo_optim).",
-                "LOMO frees each gradient in backward after using it, so Trainer's clip_grad_norm_ afterwards finds "
-                "no gradients: nothing is clipped. lomo_optim's own clipping needs a second backward pass "
-                "(grad_norm(loss)), which Trainer does not run.",
-                "Set `max_grad_norm: 0` and accept no clipping, or use `optim: zeroadamw` with `step_in_backward: "
-                "true, max_grad_norm: ...`: exact global-norm clipping without a second backward.",
-                {"max_grad_norm": run.max_grad_norm}))
-    sib = run.zero and _truthy(raw.get("step_in_backward"))
-    if sib and run.max_grad_norm is None:
-        if fp16:
-            add(Finding(
-                "fp16-fused-step-in-backward", "error",
-                "step_in_backward without max_grad_norm (fused: updates during backward) with fp16 loss scaling.",
-                "The fused mode updates each bucket before the loss scale's inf check at step() is known; "
-                "ShardedAdamW refuses this combination at the first step().",
-                "Set `max_grad_norm` (the update then waits for step(), exact clipping, no second backward), or "
-                "train in bf16 without a GradScaler.", {}))
-        if run.grad_accum > 1:
-            add(Finding(
-                "accumulation-needs-no-sync", "info",
-                f"gradient_accumulation_steps = {run.grad_accum} with fused step_in_backward.",
-                "In the fused mode every backward outside `opt.no_sync()` updates the weights; only backward passes "
-                "under `no_sync()` accumulate. A loop (or trainer) that does not wrap all but the last micro-batch "
-                "in `no_sync()` makes an update per micro-batch.",
-                "Wrap every micro-batch but the last in `with opt.no_sync():`, or set `max_grad_norm` (the update "
-                "then waits for step()).", {"gradient_accumulation_steps": run.grad_accum}))
-    if run.zero and _truthy(raw.get("grads_reduced")) and (raw.get("stage", 2) == 2 or sib):
-        add(Finding(
-            "ddp-with-stage-2", "error", "grads_reduced (a DDP-wrapped model) with stage 2 / step_in_backward.",
-            "Stage 2 and step-in-backward reduce gradients themselves in backward hooks; DDP would reduce them "
-            "again, so ShardedAdamW refuses it.",
-            "Drop DDP and `grads_reduced` (stage 2), or use `stage: 1, grads_reduced: true` to keep DDP.", {}))
-
-    # ---------------------------------------------------------------- resume
-    if resuming and no_opt_state:
-        reason = ("the checkpoints are saved with save_only_model: true (no optimizer or scheduler state)"
-                  if _truthy(raw.get("save_only_model")) else "the optimizer state is not loaded")
-        add(Finding(
-            "resume-without-optimizer-state", "error",
-            f"resume_from_checkpoint = {raw.get('resume_from_checkpoint')!r}, but {reason}.",
-            "Adam restarts with m = v = 0 and step 1 on trained weights: the first updates are ±lr in every "
-            "coordinate (bias correction on empty moments), a jolt the original run had damped with warm-up; "
-            "the LR schedule may restart as well.",
-            "Load the optimizer state (zeroadamw.checkpoint.load restores model, optimizer and scheduler unless "
-            "told not to); with HF, save full checkpoints (save_only_model: false). If you must start fresh, "
-            "add a warm-up.", {}))
-    if resuming and _truthy(raw.get("ignore_data_skip")):
-        add(Finding(
-            "resume-data-not-skipped", "info", "Resuming with ignore_data_skip: true.",
-            "The data loader starts the epoch from its first batch again: the batches seen before the checkpoint "
-            "are seen twice and the rest of the epoch is cut short (the step counter continues).",
-            "Leave ignore_data_skip false unless skipping is too slow for your dataset.", {}))
-
-    # ---------------------------------------------------------------- independent decay needs the schedule's peak
-    if run.decay == "independent" and run.wd > 0:
-        peak_given = _num(raw.get("lr_max"))
-        sched = run.scheduler
-        reason = None
-        if peak_given is not None and not math.isclose(peak_given, run.lr, rel_tol=1e-9) and sched not in (
-                "one_cycle", "onecycle"):
-            reason = (f"the schedule's peak lr {peak_given} differs from the optimizer's lr {run.lr}; ShardedAdamW "
-                      "divides by the group's initial_lr (OneCycleLR's max_lr when present)")
-        elif sched is None:
-            reason = "no lr_scheduler_type is given, so the schedule's peak is unknown"
-        elif sched not in _KNOWN_SCHEDULES:
-            reason = (f"lr_scheduler_type '{sched}' is unknown to the doctor; its peak may not be the lr the "
-                      "optimizer was built with")
-        if reason:
-            add(Finding(
-                "independent-without-schedule-peak", "warn", f"decay='independent' but {reason}.",
-                "Independent decay is θ·(1 - λ·lr_t/lr_max): if lr_max is not the real peak, the decay is scaled "
-                "by the wrong factor (above 1·λ per step when the lr rises above lr_max).",
-                "Build the optimizer with lr = the schedule's peak and use a scheduler that scales it (LambdaLR, HF "
-                "schedules, OneCycleLR), or set the group's `initial_lr` to the peak; give `lr_scheduler_type`.",
-                {"lr": run.lr, "lr_max": peak_given, "scheduler": sched}))
-
-    order = {"error": 0, "warn": 1, "info": 2}
-    F.sort(key=lambda f: order[f.severity])
-    spe = run.steps_per_epoch
+def _summary(ctx: Context, findings: list[Finding]) -> dict:
+    run, t = ctx.run, ctx.tau
+    spe, total = run.steps_per_epoch, run.total_steps
     summary = {
         "format": run.format,
         "optimizer": run.optim,
         "rule": run.rule,
         "decay": run.decay,
         "learning_rate": run.lr,
-        "lr_max": lr_peak,
+        "lr_max": ctx.lr_peak,
         "weight_decay": run.wd,
         "betas": [run.beta1, run.beta2],
         "eps": run.eps,
-        "total_steps": run.total_steps,
+        "total_steps": total,
         "steps_per_epoch": spe,
-        "run_epochs": (run.total_steps / spe) if (run.total_steps and spe) else None,
+        "run_epochs": (total / spe) if (total and spe) else None,
         "warmup_steps": run.warmup if run.warmup >= 0 else None,
         "gradient_accumulation_steps": run.grad_accum,
         "max_grad_norm": run.max_grad_norm,
-        "tau_steps": tau,
-        "tau_epochs": tau_ep,
-        "tau_band_steps": list(band) if band else None,
+        "tau_steps": t.tau if t else None,
+        "tau_epochs": t.epochs if t else None,
+        "tau_band_steps": list(t.band) if t and t.band else None,
         "beta2_horizon_steps": (1.0 / (1.0 - run.beta2)) if run.beta2 < 1 else None,
-        "params": params_summary,
+        "params": ctx.groups.params if ctx.groups else None,
         "assumed": run.assumed,
-        "counts": {s: sum(f.severity == s for f in F) for s in SEVERITIES},
+        "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES},
     }
-    return F, _jsonable(summary)
+    return _jsonable(summary)
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -1084,11 +1409,11 @@ def run(args: argparse.Namespace) -> int:
         print(_human(findings, summary, args.config))
     return 1 if any(f.severity == "error" for f in findings) else 0
 
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="zeroadamw doctor", description=__doc__.strip().splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m zeroadamw.doctor ...`` = ``zeroadamw doctor ...`` (same help, exit codes, quiet broken pipe)."""
+    from .cli import main as cli_main
+
+    return cli_main(["doctor", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
