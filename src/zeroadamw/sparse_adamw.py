@@ -130,11 +130,8 @@ class RowBucket(Bucket):
         # after that each rank checks its own kind on the host and the mask stays on the device.
         kind_t = torch.full((1,), self.local_kind, dtype=torch.float32, device=self.device)
         msg = torch.cat([kind_t, self.local_touched.to(torch.float32)])
-        if self.comm.world_size > 1:
-            dev = self._control_device()
-            msg = msg.to(dev)
-            self.comm.all_reduce(msg, op=dist.ReduceOp.MAX, label="control")
-            msg = msg.to(self.device)
+        if self.comm.world_size > 1:  # through the control plane: on the group's control device, and back
+            self.tracker.control.all_reduce_packed(msg, comm=self.comm, op=dist.ReduceOp.MAX)
         if self.kind is None:
             kind = float(msg[0]) if self.comm.world_size > 1 else self.local_kind
             if kind > 0:
