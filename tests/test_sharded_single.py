@@ -277,6 +277,13 @@ def test_load_state_dict_rejects_a_different_model_without_changing_anything():
     assert max_state_err(after, good) == 0.0
     with pytest.raises(ValueError, match="state dict"):
         opt.load_state_dict({"state": {}})
+    # the groups' sizes are checked before their hyperparameters (the clearer message when both are wrong)
+    bad = copy.deepcopy(good)
+    bad["param_groups"][0]["lr"] = "fast"
+    bad["param_groups"][-1]["params"] = bad["param_groups"][-1]["params"][:-1]
+    with pytest.raises(ValueError, match="same param groups"):
+        opt.load_state_dict(bad)
+    assert max_state_err(opt.state_dict(), good) == 0.0
 
 
 BAD_ARGS = [
@@ -299,6 +306,8 @@ BAD_ARGS = [
     (dict(grads_reduced=True, stage=2), ValueError, "stage=1"),
     (dict(impl="triton"), ValueError, "impl"),
     (dict(decay="independent", lr=0.0), ValueError, "initial lr"),
+    (dict(rule=["adamw"]), ValueError, "Unknown rule"),
+    (dict(rule="adalomo", clip_threshold=0.0), ValueError, "clip_threshold"),
 ]
 
 
@@ -511,3 +520,18 @@ def test_a_second_optimizer_on_the_same_params_after_the_first_is_gone():
     model.loss(mlp_batch(0, 0)).backward()
     opt.step()
     assert opt.grad_norm > 0
+
+
+def test_an_engine_that_outlives_its_optimizer_leaves_gradients_alone():
+    import gc
+
+    torch.manual_seed(0)
+    model = MLP()
+    opt = ShardedAdamW(model.parameters(), step_in_backward=True)  # hooked even in one process
+    engine = opt.engine
+    del opt
+    gc.collect()
+    model.loss(mlp_batch(0, 0)).backward()
+    used = [n for n, p in model.named_parameters() if p.requires_grad and n != "unused"]
+    assert all(dict(model.named_parameters())[n].grad is not None for n in used)  # no optimizer took them
+    assert not engine.errors and not any(any(b.present) for b in engine.buckets)

@@ -70,6 +70,15 @@ def test_bad_input():
         SparseAdamW([nn.Parameter(torch.ones(2))], step_in_backward=True)
 
 
+def test_a_coo_gradient_sparse_in_two_dims_is_a_clear_error_and_changes_nothing():
+    w = nn.Parameter(torch.zeros(4, 3))
+    opt = SparseAdamW([{"params": [w], "sparse": "rows"}], lr=0.1)
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[0, 1], [0, 2]]), torch.ones(2), (4, 3), check_invariants=True)
+    with pytest.raises(ValueError, match="along dim 0 only"):
+        opt.step()
+    assert w.abs().sum() == 0 and not opt.state[w]["step"].any()
+
+
 def test_moe_param_groups_for_hf_models():
     from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
 

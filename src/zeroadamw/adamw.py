@@ -18,11 +18,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from . import functional as F
-from .schedules import WdScheduleMixin
 from .consolidation import complete_loaded_state
-from .options import portable_wd_fn, validate_hyper
+from .options import check_impl, validate_hyper
 from .plain import plain_adamw_step
+from .schedules import WdScheduleMixin, portable_wd_fn
 
 __all__ = ["AdamW"]
 
@@ -47,8 +46,7 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
         self._wd_default = (wd_schedule, wd_schedule_steps)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=decay)
         validate_hyper(defaults)
-        if impl not in ("auto", *F.KERNELS):
-            raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(F.KERNELS)}")
+        check_impl(impl)
         self.impl = impl
         super().__init__(params, defaults)
 

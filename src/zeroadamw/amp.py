@@ -19,8 +19,6 @@ __all__ = ["GradScalerMixin"]
 
 
 class GradScalerMixin:
-    _attached_scaler = None
-
     def attach_grad_scaler(self, scaler) -> None:
         """Tell the optimizer which ``torch.amp.GradScaler`` drives it, for GradScaler's attribute protocol
         (``optimizer.grad_scale`` / ``optimizer.found_inf`` set before ``step()``, which torch uses when ``step``

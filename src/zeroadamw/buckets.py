@@ -16,7 +16,7 @@ from torch import Tensor
 from .comm import Comm, Handle
 from .layout import BucketLayout, plan_buckets
 
-__all__ = ["Bucket", "DirectBucket", "check_grad", "dense_buckets", "master_dtype_for"]
+__all__ = ["Bucket", "DirectBucket", "check_grad", "dense_buckets", "master_dtype_for", "trainable"]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -138,6 +138,11 @@ class Bucket:
             dst.add_(_flat(grad))
         else:
             dst.copy_(_flat(grad))
+        self._mark_landed(i)
+
+    def _mark_landed(self, i: int) -> None:
+        """Param ``i`` has its gradient for this round (and got one since the last step)."""
+        if not self.landed[i]:
             self.landed[i] = True
             self.pending -= 1
         self.present[i] = True
@@ -280,10 +285,7 @@ class DirectBucket(Bucket):
                 self.tracker._count_shard(held.numel() * held.element_size())
         else:
             held.add_(_flat(grad))
-        if not self.landed[i]:
-            self.landed[i] = True
-            self.pending -= 1
-        self.present[i] = True
+        self._mark_landed(i)
 
     def fill_missing(self) -> None:
         pass  # a missing gradient is simply absent
@@ -336,13 +338,18 @@ def check_grad(p: Tensor, grad: Tensor) -> tuple[type, str] | None:
     return None
 
 
-
 def master_dtype_for(dtype: torch.dtype, master_dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype of the master copy kept for params of ``dtype``: ``master_dtype`` for bf16/fp16 params (unless it
     is None or the param dtype itself), else None (updated in place, in their own dtype)."""
     if dtype in (torch.float16, torch.bfloat16) and master_dtype not in (None, dtype):
         return master_dtype
     return None
+
+
+def trainable(params: list[Tensor]) -> list[Tensor]:
+    """The params of a group that get buckets and state, in reverse registration order (about the order backward
+    produces their gradients): trainable and not empty."""
+    return [p for p in params if p.requires_grad and p.numel() > 0][::-1]
 
 
 def dense_buckets(params: list[Tensor], group_index: int, comm: Comm, bucket_size: int,
@@ -353,9 +360,8 @@ def dense_buckets(params: list[Tensor], group_index: int, comm: Comm, bucket_siz
     are reduced in backward hooks (step in backward) -- in one process that makes them :class:`DirectBucket`.
     Returns the buckets and their layout signature entries (what every rank must build identically)."""
     cls = DirectBucket if in_backward and comm.world_size == 1 else Bucket
-    trainable = [p for p in params if p.requires_grad and p.numel() > 0][::-1]
     by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for p in trainable:
+    for p in trainable(params):
         by_dtype.setdefault(p.dtype, []).append(p)
     buckets, signature = [], []
     for dtype, ps in by_dtype.items():

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .buckets import Bucket
-from .options import completed_groups, portable_wd_fn, steps_as_tensors, validate_hyper
+from .options import completed_groups, steps_as_tensors, validate_hyper
+from .schedules import portable_wd_fn
 
 __all__ = ["ConsolidationMixin", "complete_loaded_state"]
 
@@ -183,13 +184,14 @@ class ConsolidationMixin:
             raise ValueError(
                 f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
             )
-        new_groups = []
-        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):  # the shape of the groups first
             if len(g["params"]) != len(sg["params"]):
                 raise ValueError(
                     f"param group {gi}: the loaded state dict has {len(sg['params'])} params, the optimizer has "
                     f"{len(g['params'])}; build the optimizer over the same param groups that were saved"
                 )
+        new_groups = []
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
             ng = dict(g)
             ng.update({k: copy.deepcopy(v) for k, v in sg.items() if k not in ("params", "param_names")})
             if isinstance(ng.get("betas"), list):
@@ -276,11 +278,12 @@ class ConsolidationMixin:
         engine = self.engine
         return bool(engine._round_active or any(any(b.present) or b.reduced_grads() for b in engine.buckets))
 
-    def _check_copyable(self) -> None:
-        from .sharded_adamw import ShardedAdamW
+    _copy_base = None  # the class whose constructor _copy_kwargs describes (ShardedAdamW sets itself)
 
+    def _check_copyable(self) -> None:
         what = f"copy.deepcopy / pickle of a {type(self).__name__}"
-        if type(self).__init__ is not ShardedAdamW.__init__ and type(self)._copy_kwargs is ShardedAdamW._copy_kwargs:
+        base = self._copy_base
+        if type(self).__init__ is not base.__init__ and type(self)._copy_kwargs is base._copy_kwargs:
             raise TypeError(f"{what} is not supported (its constructor is not ShardedAdamW's); build a new optimizer "
                             "over the copied model and opt2.load_state_dict(opt.state_dict()) instead")
         if self.comm.world_size > 1:

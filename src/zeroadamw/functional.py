@@ -50,6 +50,7 @@ __all__ = [
     "DECAY_MODES",
     "sum_of_squares",
     "lazy_adamw_rows",
+    "catch_up_decay",
     "adamw",
     "adamw_reference",
     "adamw_foreach",
@@ -428,6 +429,15 @@ def sum_of_squares(tensors: list[Tensor], device: torch.device) -> Tensor:
     return out if out.device == device else out.to(device)
 
 
+def catch_up_decay(theta: Tensor, decay_mark: Tensor, log_decay: float, mask: Tensor | None = None) -> None:
+    r"""Give rows of ``theta`` (``[rows, D]``) the decoupled decay they missed since their ``decay_mark``:
+    :math:`	heta_r \leftarrow 	heta_r\,e^{L - \mathrm{mark}_r}` (only where ``mask``, when given)."""
+    factor = torch.exp(log_decay - decay_mark)
+    if mask is not None:
+        factor = torch.where(mask, factor, 1.0)
+    theta.mul_(factor.to(theta.dtype).unsqueeze(1))
+
+
 def lazy_adamw_rows(theta: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, decay_mark: Tensor, mask: Tensor,
                     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, decay: str,
                     lr_max: float | None, log_decay_before: float, log_factor: float, catchup: bool) -> None:
@@ -443,7 +453,7 @@ def lazy_adamw_rows(theta: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor
     col = lambda x: x.to(theta.dtype).unsqueeze(1)  # noqa: E731 - a [rows] factor as a [rows, 1] column
     if weight_decay and decay != "l2":
         if catchup:  # the decoupled decay each returning row missed while idle: exp(L_{t-1} - mark)
-            theta.mul_(col(torch.where(mask, torch.exp(log_decay_before - decay_mark), 1.0)))
+            catch_up_decay(theta, decay_mark, log_decay_before, mask)
         w = effective_weight_decay(decay, weight_decay, lr_max)
         theta.mul_(col(torch.where(mask, 1.0 - lr * w, 1.0)))
     elif weight_decay:

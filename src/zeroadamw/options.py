@@ -3,12 +3,13 @@
 Hyperparameters (per param group: ``lr``, ``betas``, ``eps``, ``weight_decay``, ``decay``), the constructor's
 options (stage, bucket size, dtypes, kernels, step in backward), the params themselves, and the param groups of a
 loaded state dict (torch's groups lack zeroadamw's keys: :func:`completed_groups` fills them in). Errors are
-``ValueError`` / ``TypeError`` naming the fix; nothing here changes an optimizer.
+``ValueError`` / ``TypeError`` naming the fix; nothing here changes an optimizer. (SparseAdamW's own group keys,
+``sparse`` and ``process_group``, are checked in its ``add_param_group``; rules check their hyperparameters in
+:meth:`zeroadamw.rules.Rule.check_hyper`.)
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import torch
@@ -16,8 +17,8 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["DEFAULT_BUCKET_SIZE", "lr_max", "validate_hyper", "validate_options", "check_params",
-           "completed_groups", "steps_as_tensors", "portable_wd_fn"]
+__all__ = ["DEFAULT_BUCKET_SIZE", "lr_max", "validate_hyper", "validate_options", "validate_max_grad_norm",
+           "check_impl", "check_params", "completed_groups", "steps_as_tensors"]
 
 DEFAULT_BUCKET_SIZE = 2**23
 """Elements per communication bucket: 8.4M (16 MiB of bf16 gradients, 32 MiB of fp32). Large enough for
@@ -93,14 +94,18 @@ def validate_options(*, stage: Any, bucket_size: Any, master_dtype: Any, reduce_
             "grads_reduced=True (gradients already averaged by DDP) needs stage=1: stage 2 reduce-scatters "
             "gradients itself during backward, so don't wrap the model in DDP with stage=2"
         )
-    if impl not in ("auto", *F.KERNELS):
-        raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(F.KERNELS)}")
+    check_impl(impl)
     if step_in_backward and stage != 2:
         raise ValueError("step_in_backward reduces (and updates) during backward, which is stage 2; use stage=2")
     if step_in_backward and grads_reduced:
         raise ValueError(
             "step_in_backward reduces gradients itself in backward hooks; don't wrap the model in DDP "
             "(grads_reduced=True is for DDP + stage 1)")
+
+
+def check_impl(impl: Any) -> None:
+    if impl not in ("auto", *F.KERNELS):
+        raise ValueError(f"Unknown impl {impl!r}; expected 'auto' or one of {sorted(F.KERNELS)}")
 
 
 def validate_max_grad_norm(value: Any) -> float | None:
@@ -183,16 +188,3 @@ def steps_as_tensors(state: dict) -> None:
             st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
         else:
             raise ValueError(f"loaded step is {step!r}; expected a number or a 0-d tensor")
-
-
-def portable_wd_fn(fn):
-    """A named weight-decay schedule (a closure of :func:`zeroadamw.schedules.resolve_wd_schedule`) as an
-    equivalent picklable ``functools.partial``; anything else unchanged."""
-    from . import schedules
-
-    named = schedules.resolve_wd_schedule("constant", None).__code__
-    if callable(fn) and getattr(fn, "__code__", None) is named and fn.__closure__:
-        cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
-        if "name" in cells and "steps" in cells:
-            return functools.partial(schedules.wd_multiplier, cells["name"], total=cells["steps"])
-    return fn

@@ -27,10 +27,11 @@ group's ``initial_lr``) and the Adam direction :math:`\\hat u_t = \\hat m_t / (\
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Union
 
-__all__ = ["WD_SCHEDULES", "wd_multiplier", "resolve_wd_schedule"]
+__all__ = ["WD_SCHEDULES", "wd_multiplier", "resolve_wd_schedule", "portable_wd_fn"]
 
 WD_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -125,3 +126,14 @@ class WdScheduleMixin:
         for group, t, wd in new:
             group["wd_step"] = t
             group["weight_decay"] = wd
+
+
+def portable_wd_fn(fn):
+    """A named weight-decay schedule (a closure of :func:`zeroadamw.schedules.resolve_wd_schedule`) as an
+    equivalent picklable ``functools.partial``; anything else unchanged."""
+    named = resolve_wd_schedule("constant", None).__code__
+    if callable(fn) and getattr(fn, "__code__", None) is named and fn.__closure__:
+        cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__)))
+        if "name" in cells and "steps" in cells:
+            return functools.partial(wd_multiplier, cells["name"], total=cells["steps"])
+    return fn

@@ -66,14 +66,14 @@ __all__ = ["ShardedAdamW", "DEFAULT_BUCKET_SIZE", "plain_adamw_step", "complete_
 warnings.filterwarnings("ignore", message="GradScaler is going to stop passing itself", category=FutureWarning)
 
 
-def _weak(opt: "ShardedAdamW", method: str):
+def _weak(opt: "ShardedAdamW", method: str, gone: Any = None):
     """A callback for the engine calling ``opt.<method>(...)``, holding the optimizer weakly (the engine's gradient
-    hooks must not keep the optimizer alive)."""
+    hooks must not keep the optimizer alive); ``gone`` once the optimizer is."""
     ref = weakref.ref(opt)
 
     def call(*args):
         o = ref()
-        return None if o is None else getattr(o, method)(*args)
+        return gone if o is None else getattr(o, method)(*args)
 
     return call
 
@@ -137,7 +137,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
     -- :mod:`zeroadamw.state`; the update rules -- :mod:`zeroadamw.rules`; the fused step in backward --
     :mod:`zeroadamw.in_backward`; GradScaler -- :mod:`zeroadamw.amp`; ``state_dict`` and copies --
     :mod:`zeroadamw.consolidation`; DeepSpeed's client mode -- :mod:`zeroadamw.plain`. The ``*Mixin`` classes
-    are sections of this class, one file each; they keep no state of their own.
+    are sections of this class, one file each; the attributes they use are made here, in ``__init__``.
     """
 
     _step_supports_amp_scaling = True
@@ -187,7 +187,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
         self.max_grad_norm = max_grad_norm  # (a property: with step_in_backward it picks fused vs exact clipping)
         self.grad_norm_tensor = torch.zeros((), dtype=torch.float32)  # grad_norm as a 0-d tensor, updated in place
-        self.engine.release_check = _weak(self, "_check_plain")
+        self.engine.release_check = _weak(self, "_check_plain", gone=True)  # no optimizer: leave param.grad alone
         self.engine.on_moved = _weak(self, "_on_bucket_moved")
         self._plain = False  # another system (DeepSpeed ZeRO) partitions: act as a plain AdamW over param_groups
         self._control: Control | None = None
@@ -196,6 +196,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self._applied_sq: Tensor | None = None
         self._applied_bad: Tensor | None = None
         self._state_loaded = False  # state came from load_state_dict / zeroadamw.checkpoint (resume check)
+        self._attached_scaler = None  # the GradScaler of attach_grad_scaler() (its attribute protocol)
         self.group_grad_norms: list[float] = []
         self.grad_norm: float | None = None
         self.last_step_skipped = False
@@ -447,3 +448,6 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         common = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], decay=group["decay"],
                       lr_max=lr_max(group), grad_scale=grad_scale, found_inf=found_inf)
         self._rule.kernel(params, grads, steps, bucket, idx, group, common, self.impl)
+
+
+ShardedAdamW._copy_base = ShardedAdamW

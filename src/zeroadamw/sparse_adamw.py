@@ -51,7 +51,7 @@ from torch import Tensor
 
 from . import functional as F
 from .comm import Comm
-from .buckets import Bucket, DirectBucket, check_grad, dense_buckets, master_dtype_for
+from .buckets import Bucket, DirectBucket, check_grad, dense_buckets, master_dtype_for, trainable
 from .options import lr_max
 from .sharded_adamw import ShardedAdamW
 
@@ -92,11 +92,11 @@ class RowBucket(Bucket):
     def check(self, p: Tensor, grad: Tensor) -> tuple[type, str] | None:
         if grad.is_sparse:
             if grad.shape != p.shape:
-                return ValueError(f"gradient shape {tuple(grad.shape)} does not match its parameter's {tuple(p.shape)}")
+                return ValueError, f"gradient shape {tuple(grad.shape)} does not match its parameter's {tuple(p.shape)}"
             if grad.dtype != p.dtype:
-                return ValueError(f"gradient dtype {grad.dtype} does not match its parameter's dtype {p.dtype}")
+                return ValueError, f"gradient dtype {grad.dtype} does not match its parameter's dtype {p.dtype}"
             if grad.sparse_dim() != 1:
-                return ValueError("sparse COO gradients must be sparse along dim 0 only (rows), as nn.Embedding's are")
+                return ValueError, "sparse COO gradients must be sparse along dim 0 only (rows), as nn.Embedding's are"
             return None
         return check_grad(p, grad)
 
@@ -109,10 +109,7 @@ class RowBucket(Bucket):
             self.local_touched[idx[nz]] = True
             self.coo_in.append((idx, vals))
             self.local_kind = max(self.local_kind, _COO)
-            if not self.landed[i]:
-                self.landed[i] = True
-                self.pending -= 1
-            self.present[i] = True
+            self._mark_landed(i)
             return
         self.local_touched |= _nonzero_rows(grad.reshape(self.R, self.D))
         self.local_kind = max(self.local_kind, _DENSE)
@@ -146,9 +143,17 @@ class RowBucket(Bucket):
             self._exchange_coo()
             self.launched = True
             return
-        if self.full is None and not self.direct:
-            self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
+        self._ensure_full()
         super().launch()
+
+    def _ensure_full(self) -> None:
+        """A dense round needs the full buffer even when no gradient landed here (zeros)."""
+        if self.full is None:
+            self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
+
+    def _dense_reduced(self) -> Tensor | None:
+        """The reduced dense gradient of the owned rows, flat (or None)."""
+        return self.shard_grad
 
     def finish(self) -> None:
         if self.kind == _COO:
@@ -205,7 +210,7 @@ class RowBucket(Bucket):
             for r, v in zip(self.coo_rows, self.coo_vals):
                 out.index_add_(0, r, v)
             return out
-        g = self.direct_grads[0] if self.direct else self.shard_grad
+        g = self._dense_reduced()
         if g is None:
             return torch.zeros(rows, self.D, dtype=self.acc_dtype, device=self.device)
         return g[: rows * self.D].view(rows, self.D)
@@ -213,9 +218,8 @@ class RowBucket(Bucket):
     def reduced_grads(self) -> list[Tensor]:
         if self.kind == _COO:
             return list(self.coo_vals)
-        if self.direct or self.shard_grad is None:
-            return super().reduced_grads()
-        return [self.shard_grad[: (self.rows_hi - self.rows_lo) * self.D]]
+        g = self._dense_reduced()
+        return [] if g is None else [g[: (self.rows_hi - self.rows_lo) * self.D]]
 
     def release_grads(self) -> None:
         freed = sum(v.numel() * v.element_size() for v in self.coo_vals)
@@ -238,6 +242,12 @@ class RowBucket(Bucket):
 
 class DirectRowBucket(RowBucket, DirectBucket):
     """A row-sharded param in one process: its dense gradients are kept as autograd made them (DirectBucket)."""
+
+    def _ensure_full(self) -> None:
+        pass  # no buffer: nothing to reduce
+
+    def _dense_reduced(self) -> Tensor | None:
+        return self.direct_grads[0]
 
 
 class SparseAdamW(ShardedAdamW):
@@ -298,17 +308,16 @@ class SparseAdamW(ShardedAdamW):
         comm = self._group_comm(group)
         if group.get("sparse") != "rows":
             buckets, entries = dense_buckets(group["params"], gi, comm, self.bucket_size, self.master_dtype,
-                                             self.reduce_dtype)
-        else:
-            buckets, entries = [], []
-            for p in [p for p in group["params"] if p.requires_grad and p.numel() > 0][::-1]:
-                master = master_dtype_for(p.dtype, self.master_dtype)
-                cls = DirectRowBucket if comm.world_size == 1 else RowBucket  # rows always reduce in backward
-                buckets.append(cls(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master))
-                entries.append(("rows", str(p.dtype), list(p.shape)))
-        head = [gi, len(group["params"])] if group.get("sparse") != "rows" and comm is self.comm else \
-            [gi, len(group["params"]), group.get("sparse")]
-        return buckets, head + entries
+                                             self.reduce_dtype, in_backward=self.step_in_backward)
+            head = [gi, len(group["params"])] + ([] if comm is self.comm else [None])
+            return buckets, head + entries
+        buckets, entries = [], []
+        for p in trainable(group["params"]):
+            master = master_dtype_for(p.dtype, self.master_dtype)
+            cls = DirectRowBucket if comm.world_size == 1 else RowBucket  # rows always reduce in backward
+            buckets.append(cls(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master))
+            entries.append(("rows", str(p.dtype), list(p.shape)))
+        return buckets, [gi, len(group["params"]), "rows"] + entries
 
     # ------------------------------------------------------------------------------------------------- state
     def _init_bucket_state(self, bucket: Bucket) -> None:
@@ -375,7 +384,7 @@ class SparseAdamW(ShardedAdamW):
             st["step"], st["decay_mark"], bucket.touched[bucket.rows_lo : bucket.rows_hi],
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decay=group["decay"], lr_max=lr_max(group), log_decay_before=self._log_decay_before.get(id(group), group["log_decay"]),
-            log_factor=self._log_factor(group), catchup=self.catchup_decay)
+            log_factor=self._factors[id(group)], catchup=self.catchup_decay)
 
     def apply_pending_decay(self) -> None:
         """Give every idle slice the decoupled decay it has missed so far (catch-up now instead of at its next
@@ -392,9 +401,7 @@ class SparseAdamW(ShardedAdamW):
                 p = bucket.params[0]
                 st = self.state[p]
                 L = group["log_decay"]
-                factor = torch.exp(L - st["decay_mark"])
-                target = bucket.target_view(0)
-                target.view(-1, bucket.D).mul_(factor.to(target.dtype).unsqueeze(1))
+                F.catch_up_decay(bucket.target_view(0).view(-1, bucket.D), st["decay_mark"], L)
                 st["decay_mark"].fill_(L)
                 h = bucket.gather_params([0])
                 if h is not None:

@@ -101,6 +101,8 @@ class StateMixin:
             if not st:
                 continue
             for k, t in list(st.items()):
+                # a view of the bucket's flat state when the bucket holds that kind flat (rules without flat
+                # moments -- AdaLomo's own exp_avg_sq -- leave bucket.exp_avg_sq None: their tensor is moved)
                 flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
                 if isinstance(flat, Tensor):
                     st[k] = bucket.shard_view(flat, i)

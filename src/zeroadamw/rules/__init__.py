@@ -19,6 +19,6 @@ RULES: dict[str, type[Rule]] = {"adamw": AdamWRule, "lomo": LomoRule, "adalomo":
 
 
 def get_rule(name: str) -> Rule:
-    if name not in RULES:
+    if not isinstance(name, str) or name not in RULES:
         raise ValueError(f"Unknown rule {name!r}; expected one of {', '.join(RULES)}")
     return RULES[name]()
