@@ -23,6 +23,26 @@ def _flat(t: Tensor) -> Tensor:
     return t.view(-1) if t.is_contiguous() else t.reshape(-1)
 
 
+def _nbytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class _Counted:
+    """A gradient-buffer attribute of a bucket whose bytes the engine (``bucket.tracker``) counts as it changes."""
+
+    def __init__(self, slot: str, counter: str) -> None:
+        self.slot, self.counter = slot, counter
+
+    def __get__(self, bucket, owner=None):
+        return self if bucket is None else getattr(bucket, self.slot)
+
+    def __set__(self, bucket, t: Tensor | None) -> None:
+        old = getattr(bucket, self.slot)
+        if bucket.tracker is not None and old is not t:
+            getattr(bucket.tracker, self.counter)(_nbytes(t) - _nbytes(old))
+        setattr(bucket, self.slot, t)
+
+
 class Bucket:
     """Parameters of one group packed into one flat buffer, and this rank's shard of it."""
 
@@ -69,29 +89,8 @@ class Bucket:
         self.master: Tensor | None = None
         self.on_moved = None  # optimizer callback(bucket) after to_device: re-bind optimizer.state views
 
-    @property
-    def full(self) -> Tensor | None:
-        return self._full
-
-    @full.setter
-    def full(self, t: Tensor | None) -> None:
-        old = self._full
-        if self.tracker is not None and old is not t:
-            delta = (0 if t is None else t.numel() * t.element_size()) - (0 if old is None else old.numel() * old.element_size())
-            self.tracker._count_full(delta)
-        self._full = t
-
-    @property
-    def shard_grad(self) -> Tensor | None:
-        return self._shard_grad
-
-    @shard_grad.setter
-    def shard_grad(self, t: Tensor | None) -> None:
-        old = self._shard_grad
-        if self.tracker is not None and old is not t:
-            delta = (0 if t is None else t.numel() * t.element_size()) - (0 if old is None else old.numel() * old.element_size())
-            self.tracker._count_shard(delta)
-        self._shard_grad = t
+    full = _Counted("_full", "_count_full")  # padded flat gradient buffer, alive until its reduce-scatter is done
+    shard_grad = _Counted("_shard_grad", "_count_shard")  # reduced, averaged gradient of the owned shard
 
     # ------------------------------------------------------------------------------------------------- views
     @property
