@@ -3,7 +3,12 @@
 # docstrings of Python's standard library, 2 processes (gloo), ShardedAdamW stage 2. Extra flags are passed on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# DS_ACCELERATOR: accelerate imports DeepSpeed (when installed) to unwrap models; on this CPU run tell it "cpu"
+# rather than have it probe and print "Setting accelerator to CPU" (the same choice, silently)
+export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+echo "cpu_demo: accelerate launch, 2 gloo processes on CPU, ShardedAdamW stage 2, 150 steps (~2.5 min on 2 cores);"
+echo "cpu_demo: output in out/demo/ (config: configs/ddp_cpu.yaml, model: configs/llama-tiny.json)"
+if [ "$#" -gt 0 ]; then echo "cpu_demo: extra flags (they override the above): $*"; fi
 exec accelerate launch --config_file configs/ddp_cpu.yaml launch/finetune_llama.py \
   --optimizer zeroadamw --stage 2 --bucket_size 262144 \
   --max_steps 150 --per_device_train_batch_size 8 --block_size 128 \

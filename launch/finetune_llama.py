@@ -13,7 +13,9 @@ machines (``make demo``):
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/finetune_llama.py
 
 At the end rank 0 prints a per-rank memory table (params / grads / optimizer state / peak) against what
-torch.optim.AdamW would have needed, and writes ``<output_dir>/loss.png``.
+torch.optim.AdamW would have needed, and writes ``<output_dir>/loss.png``, ``diagnostics.png`` (from
+``diagnostics.jsonl``, which the diagnostics callback writes during training), ``log_history.jsonl`` and
+``memory.json`` -- and lists them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import torch
+if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+    # a CPU run: tell DeepSpeed so (accelerate imports it, when installed, to unwrap models), instead of it
+    # probing for accelerators and printing "Setting accelerator to CPU" -- the same choice, silently
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "llama-tiny.json")
@@ -195,7 +202,8 @@ def print_report(rows: list[dict], optimizer: str) -> None:
               f"{v['optimizer_state'] / mib:12.2f} / {v['torch_adamw_state'] / mib:12.2f}   | {v['peak'] / mib:7.1f}")
 
 
-def plot_losses(history: list[dict], path: str) -> None:
+def plot_losses(history: list[dict], path: str) -> bool:
+    """Train (and validation) loss against the step to ``path``; False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -203,21 +211,38 @@ def plot_losses(history: list[dict], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib not installed: no loss plot")
-        return
+        return False
     steps = [h["step"] for h in history if "loss" in h]
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, label="train")
+    ax.plot(steps, losses, color="black", label="train (mean over each logging interval)")
     if evals:
-        ax.plot(*zip(*evals), "o-", label="validation")
-    ax.set_xlabel("step")
+        ax.plot(*zip(*evals), "o-", color="tab:gray", label="validation")
+    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats / token)")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    print(f"loss curve: {path}")
+    plt.close(fig)
+    return True
+
+
+def loss_summary(history: list[dict], train_loss: float, metrics: dict) -> str:
+    """The final line: the last logged train loss (and its steps), the run's mean, the validation loss."""
+    logged = [h for h in history if "loss" in h and "step" in h]
+    if logged:
+        prev = logged[-2]["step"] if len(logged) > 1 else 0
+        last = logged[-1]
+        steps = f"step {last['step']}" if last["step"] - prev == 1 else f"steps {prev + 1}-{last['step']}"
+        line = f"train loss {last['loss']:.3f} ({steps}; mean over the whole run {train_loss:.3f})"
+    else:
+        line = f"train loss, mean over the whole run {train_loss:.3f}"
+    if metrics and "eval_loss" in metrics:
+        line += (f", validation loss {metrics['eval_loss']:.3f} (perplexity {math.exp(metrics['eval_loss']):.2f}, "
+                 "at the end)")
+    return line
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -235,11 +260,23 @@ def main(argv: list[str] | None = None) -> dict:
         targs.report_to = []
     if not torch.cuda.is_available():
         targs.use_cpu = True
+        targs.dataloader_pin_memory = False  # nothing to pin for on a CPU (torch warns on every loader otherwise)
+    main_process = targs.process_index == 0
+
+    def say(msg: str) -> None:
+        if main_process:
+            print(msg, flush=True)
+
+    say(f"building model: {margs.model_name_or_path or os.path.relpath(margs.config_name)}")
     model, tokenizer = build_model(margs, zargs, targs)
+    say(f"  {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
+        f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable)")
+    say(f"tokenizing: dataset {dargs.dataset!r}")
     text = load_text(dargs.dataset, dargs.text_column)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     split = int(len(ids) * (1 - dargs.validation_fraction))
     train, val = Blocks(ids[:split], dargs.block_size), Blocks(ids[split:], dargs.block_size)
+    say(f"  {len(ids):,} tokens: {len(train):,} training and {len(val):,} validation blocks of {dargs.block_size}")
     common = dict(model=model, args=targs, train_dataset=train, eval_dataset=val if len(val) else None)
     if zargs.wd_schedule not in ("none", "linear", "cosine"):
         raise ValueError(f"--wd_schedule must be none, linear or cosine, got {zargs.wd_schedule!r}")
@@ -254,33 +291,58 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         targs.optim = zargs.optimizer
         trainer = Trainer(**common)
+    diag_cb = None
     if zargs.diagnostics:
         from zeroadamw.diagnostics import attach
 
-        attach(trainer)
+        diag_cb = attach(trainer)  # to OUTPUT_DIR/diagnostics.jsonl; one summary line per logging step
     from zeroadamw.memory import reset_peak_memory
 
     reset_peak_memory(targs.device)
+    opt_name = (f"ShardedAdamW stage {zargs.stage}" + (", step in backward" if zargs.step_in_backward else "")
+                if zargs.optimizer == "zeroadamw" else zargs.optimizer)
+    say(f"training on {targs.world_size} process(es) ({targs.device.type}"
+        + (", gloo" if targs.world_size > 1 and targs.device.type == "cpu" else "") + f"), {opt_name}, "
+        + (f"{targs.max_steps} steps" if targs.max_steps > 0 else f"{targs.num_train_epochs:g} epochs")
+        + f" of {targs.per_device_train_batch_size} x {dargs.block_size} tokens per process")
     result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
+    if len(val):
+        say("evaluating on the validation blocks")
     metrics = trainer.evaluate() if len(val) else {}
     rows = memory_report(trainer, trainer.accelerator.unwrap_model(trainer.model))
     if trainer.is_world_process_zero():
-        print(f"\ntrain loss {result.training_loss:.3f}" + (f", validation loss {metrics['eval_loss']:.3f} "
-              f"(perplexity {math.exp(metrics['eval_loss']):.2f})" if metrics else ""))
+        print("\n" + loss_summary(trainer.state.log_history, result.training_loss, metrics))
         print_report(rows, zargs.optimizer)
-        os.makedirs(targs.output_dir, exist_ok=True)
-        plot_losses(trainer.state.log_history, os.path.join(targs.output_dir, "loss.png"))
-        if zargs.diagnostics:
-            from zeroadamw.plot import plot
+        out = targs.output_dir
+        os.makedirs(out, exist_ok=True)
+        wrote = []
+        if plot_losses(trainer.state.log_history, os.path.join(out, "loss.png")):
+            wrote.append(("loss.png", "train and validation loss"))
+        with open(os.path.join(out, "log_history.jsonl"), "w") as f:
+            for rec in trainer.state.log_history:
+                if "step" in rec:
+                    f.write(json.dumps(rec) + "\n")
+        wrote.append(("log_history.jsonl", "Trainer's logs, one JSON record per line"))
+        if diag_cb is not None and diag_cb.file is not None:
+            from zeroadamw.plot import plot, read_log
 
-            with open(os.path.join(targs.output_dir, "log_history.jsonl"), "w") as f:
-                for rec in trainer.state.log_history:
-                    if "step" in rec:
-                        f.write(json.dumps(rec) + "\n")
-            plot([r for r in trainer.state.log_history if "diag/grad_norm" in r],
-                 os.path.join(targs.output_dir, "diagnostics.png"), title="zeroadamw diagnostics")
-        with open(os.path.join(targs.output_dir, "memory.json"), "w") as f:
+            wrote.append((os.path.relpath(diag_cb.file, out), "diagnostics, one JSON record per logging step"))
+            try:
+                records = read_log(diag_cb.file)
+                png = os.path.join(out, "diagnostics.png")
+                plot(records, png, title="zeroadamw diagnostics", loss_unit="nats/token")
+                wrote.append(("diagnostics.png", "per-group norms, update/weight ratio, effective decay, loss"))
+            except ValueError as e:  # e.g. fewer steps than --logging_steps: nothing was logged
+                print(f"no diagnostics plot: {e}")
+            except ImportError:
+                print("matplotlib not installed: no diagnostics plot")
+        with open(os.path.join(out, "memory.json"), "w") as f:
             json.dump(rows, f, indent=1)
+        wrote.append(("memory.json", "the per-rank memory table above"))
+        print(f"\nwrote, in {os.path.abspath(out)}/:")
+        width = max(len(os.path.join(out, n)) for n, _ in wrote)
+        for name, what in wrote:
+            print(f"  {os.path.join(out, name):<{width}}  {what}")
     return {"train_loss": result.training_loss, **metrics, "memory": rows}
 
 

@@ -99,8 +99,8 @@ def test_hf_trainer_callback_puts_diagnostics_in_the_logs(tmp_path):
     import hf_workers
 
     trainer = hf_workers.make_trainer(str(tmp_path / "z"), 1, 4, {"stage": 2}, max_steps=3)
-    cb = attach(trainer)
-    assert trainer.callback_handler.callbacks[0] is cb
+    cb = attach(trainer, into_logs=True)
+    assert trainer.callback_handler.callbacks[0] is cb  # ahead of the reporters
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3
@@ -146,7 +146,7 @@ def test_hf_trainer_with_torch_adamw_logs_norms_but_no_stale_grad_norms(tmp_path
     import hf_workers
 
     trainer = hf_workers.make_trainer(str(tmp_path / "t"), 1, 4, None, max_steps=2, plain=True)
-    attach(trainer)
+    attach(trainer, into_logs=True)
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2
@@ -157,3 +157,113 @@ def test_hf_trainer_with_torch_adamw_logs_norms_but_no_stale_grad_norms(tmp_path
     got = sum(v * v for k, v in logged[-1].items() if k.endswith("/param_norm"))
     assert got == pytest.approx(want, rel=1e-6)
     assert logged[-1]["diag/group0/update_ratio"] > 0
+
+
+def test_hf_trainer_logs_stay_readable_diagnostics_go_to_their_file(tmp_path, capsys):
+    """The default: Trainer's logs (what its progress bar / printer shows, log_history, report_to) carry no diag/*
+    keys; OUTPUT_DIR/diagnostics.jsonl has all of them per logging step (with Trainer's loss and the evaluation's
+    eval_loss), and the console gets one short summary line per logging step."""
+    import hf_workers
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Record(TrainerCallback):  # what every reporter after Trainer's own callbacks receives
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = hf_workers.make_trainer(str(tmp_path / "z"), 1, 4, {"stage": 2}, max_steps=3)
+    trainer.args.eval_strategy = "no"
+    trainer.add_callback(Record())
+    cb = attach(trainer)
+    capsys.readouterr()
+    trainer.train()
+    trainer.eval_dataset = hf_workers.TokenDataset(16)
+    trainer.evaluate()
+    out = capsys.readouterr().out
+
+    assert cb.file == str(tmp_path / "z" / "diagnostics.jsonl")
+    train_logs = [h for h in seen if "loss" in h]
+    assert len(train_logs) == 3
+    assert not [k for h in seen for k in h if k.startswith("diag/")], seen
+    assert not [k for h in trainer.state.log_history for k in h if k.startswith("diag/")]
+    recs = [json.loads(x) for x in (tmp_path / "z" / "diagnostics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if "diag/grad_norm" in r]
+    assert [r["step"] for r in train_recs] == [1, 2, 3]
+    for r, h in zip(train_recs, train_logs):
+        assert sum(k.startswith("diag/") for k in r) == 20  # 4 whole-model + 8 per group x 2 groups
+        assert r["loss"] == h["loss"] and r["diag/grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-6)
+    assert [r for r in recs if "eval_loss" in r][0]["step"] == 3  # the evaluation, for the plot
+    summary = [line for line in out.splitlines() if line.startswith("diagnostics step ")]
+    assert [line.split(":")[0] for line in summary] == [f"diagnostics step {s}" for s in (1, 2, 3)]
+    assert all(len(line) < 160 and "update/weight decay" in line for line in summary), summary
+    assert not [line for line in out.splitlines() if "diag/" in line]  # no dict of diag/* values anywhere
+
+
+def test_diagnostics_figure_axes(tmp_path):
+    """The figure itself: y labels on every panel, log scales said where used, the all-groups line on top and
+    thinner (never hiding a group's line), solid before / dashed after clipping, one colour per group in every
+    panel, the validation loss next to the train loss."""
+    from matplotlib.colors import to_hex
+
+    from zeroadamw.plot import ALL_GROUPS, build_figure, plot
+
+    recs = []
+    for s in range(1, 7):
+        g = {"step": s, "loss": 3.0 / s, "learning_rate": 1e-3, "diag/grad_norm": 2.0 / s,
+             "diag/grad_norm_clipped": min(1.0, 2.0 / s), "diag/clip_coef": min(1.0, s / 2.0)}
+        for name, scale in (("decay", 1.0), ("no_decay", 0.1)):
+            g.update({f"diag/{name}/param_norm": 10 * scale + s, f"diag/{name}/grad_norm": scale * 2.0 / s,
+                      f"diag/{name}/grad_norm_clipped": scale * min(1.0, 2.0 / s), f"diag/{name}/lr": 1e-3,
+                      f"diag/{name}/update_ratio": scale * 1e-3, f"diag/{name}/weight_decay": 0.1 * (name == "decay"),
+                      f"diag/{name}/effective_decay": 1e-4 * (name == "decay")})  # 0 for no_decay: no log scale
+        recs.append(g)
+        if s % 3 == 0:
+            recs.append({"step": s, "eval_loss": 3.2 / s})
+    fig, panels = build_figure(recs, loss_unit="nats/token")
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert list(axes) == ["loss", "learning rate", "parameter L2 norm", "gradient L2 norm (log scale)",
+                          "update / weight ratio (log scale)", "effective decay per step"]
+    assert panels == ["loss", "learning rate", "parameter L2 norm", "gradient L2 norm", "update / weight ratio",
+                      "effective decay per step"]
+    for title, ax in axes.items():
+        assert ax.get_ylabel(), title
+        assert ax.get_xlabel() == "optimizer step"
+        assert (ax.get_yscale() == "log") == ("log scale" in title) == ("log scale" in ax.get_ylabel()), title
+    assert axes["loss"].get_ylabel() == "loss (nats/token)"
+    assert axes["effective decay per step"].get_yscale() == "linear"  # no_decay's zeros: a log axis would drop them
+
+    loss = axes["loss"]
+    assert loss.get_legend() is not None
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["train loss", "validation loss"]
+    val = [ln for ln in loss.get_lines() if ln.get_label() == "validation loss"][0]
+    assert list(val.get_xdata()) == [3, 6] and val.get_marker() == "o"
+
+    grad = axes["gradient L2 norm (log scale)"]
+    lines = grad.get_lines()
+    by_label = {ln.get_label(): ln for ln in lines if not ln.get_label().startswith("_")}
+    assert {"decay", "no_decay", ALL_GROUPS} <= set(by_label)
+    legend = [t.get_text() for t in grad.get_legend().get_texts()]
+    assert legend[-2:] == ["before clipping (solid)", "after clipping (dashed)"] and ALL_GROUPS in legend
+    whole, decay = by_label[ALL_GROUPS], by_label["decay"]
+    assert whole.get_zorder() > decay.get_zorder() and whole.get_linewidth() < decay.get_linewidth()
+    assert by_label["no_decay"].get_zorder() > decay.get_zorder()  # later groups on top, thinner
+    assert by_label["no_decay"].get_linewidth() < decay.get_linewidth()
+    assert whole.get_linestyle() == "-" and to_hex(whole.get_color()) == "#000000"
+    dashed = [ln for ln in lines if ln.get_linestyle() == "--" and len(ln.get_xdata())]
+    assert len(dashed) == 3  # after clipping: both groups and all groups
+    assert {to_hex(ln.get_color()) for ln in dashed} == {to_hex(by_label[k].get_color()) for k in
+                                                        ("decay", "no_decay", ALL_GROUPS)}
+
+    colours = {}  # group -> the colours it has across panels: exactly one, distinct between groups
+    for ax in axes.values():
+        for ln in ax.get_lines():
+            if ln.get_label() in ("decay", "no_decay"):
+                colours.setdefault(ln.get_label(), set()).add(to_hex(ln.get_color()))
+    assert all(len(c) == 1 for c in colours.values()) and colours["decay"] != colours["no_decay"], colours
+    assert "#000000" not in colours["decay"] | colours["no_decay"]  # black is the whole model only
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    assert plot(recs, str(tmp_path / "d.png"))[0] == "loss"
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

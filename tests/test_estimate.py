@@ -170,6 +170,33 @@ def test_breakdown_equals_the_hf_model(kind):
     assert spec.numel == sum(p.numel() for p in model.parameters())
 
 
+def test_sparse_footnote_says_what_sparseadamw_keeps(capsys):
+    """Footnote of the SparseAdamW row: no "not built yet" (it is built); what it says SparseAdamW keeps per
+    owned dim-0 slice -- a float32 step count and a float64 decay mark -- is what the real optimizer holds."""
+    from zeroadamw import SparseAdamW
+    from zeroadamw.cli import main
+
+    est = by_method(E.estimate(E.spec_from_config(TINY), 2, "bf16", bucket_size=4000))
+    note = " ".join(est["sparse_adamw"].notes)
+    assert "not built" not in note
+    assert "float32 step count and a float64 decay mark (12 B) per dim-0 slice it owns" in note
+    assert "(100 rows)" in note  # the embedding's rows, 4 B each in the estimate
+    assert main(["estimate", str(ROOT / "configs" / "llama-tiny.json"), "--world-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "not built" not in printed and "decay mark" in printed
+
+    torch.manual_seed(0)
+    emb, experts, lin = nn.Embedding(10, 4), nn.Parameter(torch.randn(3, 4, 4)), nn.Linear(4, 4)
+    opt = SparseAdamW([{"params": [emb.weight], "sparse": "rows"}, {"params": [experts], "sparse": "rows"},
+                       {"params": list(lin.parameters())}], lr=1e-3)
+    (lin(emb(torch.tensor([1, 2]))) @ experts[0]).sum().backward()
+    opt.step()
+    for p, slices in ((emb.weight, 10), (experts, 3)):  # one process: it owns every slice
+        st = opt.state[p]
+        assert st["step"].dtype == torch.float32 and st["step"].shape == (slices,)
+        assert st["decay_mark"].dtype == torch.float64 and st["decay_mark"].shape == (slices,)
+
+
 def test_moe_sparse_rows():
     cfg, model = _hf("mixtral")
     spec = E.spec_from_config(json.loads(cfg.to_json_string()))

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"zeroadamw demo: {world} process(es) on {device.type}, byte-level LM with {n_params / 1e6:.2f}M params, "
               f"corpus {len(data) / 1e6:.2f} MB of stdlib docstrings, ShardedAdamW stage {args.stage}")
     reset_peak_memory(device)
-    times = []
+    times, losses = [], []
     for step in range(args.steps):
         t0 = time.perf_counter()
         x, y = batch(train, step, rank)
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad()
         sched.step()
         times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
         if step == 0:
             opt.engine.reset_peak()  # steady state: the first backward also settles the bucket order
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
@@ -168,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_gather(rows, row)
     rows = [r.cpu() for r in rows]
     if rank == 0:
-        print(f"\nfinal: train loss {loss.item():.3f}, validation loss {val_loss:.3f} (uniform bytes: {math.log(256):.3f})")
+        mean = sum(losses) / len(losses)
+        print(f"\nrank 0: train loss {losses[-1]:.3f} (the last step's batch; mean over the run {mean:.3f}), "
+              f"validation loss {val_loss:.3f} (one batch after the last step; uniform bytes: {math.log(256):.3f})")
         print("\nper-rank memory (MiB) -- ShardedAdamW vs what torch.optim.AdamW (+DDP) holds for the same model")
         print("rank | optimizer state: ours | torch AdamW | saved | grads: full size | ours, peak full buckets "
               "| peak RSS | step ms | comm MB/step")

@@ -38,9 +38,10 @@ Three ways to use it::
         logger.log(step, loss=loss.item())        # collects (every `every` steps), rank 0 writes
         opt.zero_grad(); sched.step()
 
-    trainer = ZeroTrainer(...); attach(trainer)   # HF: values join Trainer's logs (report_to: TensorBoard, W&B...)
+    trainer = ZeroTrainer(...); attach(trainer)   # HF: to OUTPUT_DIR/diagnostics.jsonl, one console line per log
+    attach(trainer, into_logs=True)               # ... and into Trainer's logs (report_to: TensorBoard, W&B...)
 
-and ``zeroadamw plot diag.jsonl`` (or a Trainer's ``trainer_state.json``) draws them.
+and ``zeroadamw plot diag.jsonl`` (or a Trainer's ``diagnostics.jsonl`` / ``trainer_state.json``) draws them.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from torch import Tensor
 
 from . import functional as F
 
-__all__ = ["Diagnostics", "DiagnosticsLogger", "DiagnosticsCallback", "attach"]
+__all__ = ["Diagnostics", "DiagnosticsLogger", "DiagnosticsCallback", "attach", "DIAGNOSTICS_FILE"]
 
 
 def _unwrap(optimizer):
@@ -264,16 +265,63 @@ def _callback_base():
     return TrainerCallback
 
 
-class DiagnosticsCallback(_callback_base()):
-    """HF ``TrainerCallback``: on every logging step, adds the diagnostics to Trainer's logs -- and so to
-    ``trainer.state.log_history`` / ``trainer_state.json`` and every ``report_to`` integration (TensorBoard,
-    W&B, ...) that runs after it. Add it with :func:`attach` (which puts it first, before the reporters);
-    passed in ``callbacks=[...]`` it still reaches ``log_history`` but not the reporters that ran before it."""
+DIAGNOSTICS_FILE = "diagnostics.jsonl"
 
-    def __init__(self, track_update: bool = True) -> None:
+
+def _summary_line(step: int, vals: dict[str, float], prefix: str = "diag/") -> str:
+    """One console line for a step's diagnostics: per-group update/weight ratio and param norm, the clip coef."""
+    groups: dict[str, dict[str, float]] = {}
+    for k, v in vals.items():
+        rest = k[len(prefix):] if k.startswith(prefix) else k
+        if "/" in rest:
+            g, metric = rest.rsplit("/", 1)
+            groups.setdefault(g, {})[metric] = v
+    parts = []
+    ratio = [f"{g} {m['update_ratio']:.1e}" for g, m in groups.items() if "update_ratio" in m]
+    if ratio:
+        parts.append("update/weight " + ", ".join(ratio))
+    norm = [f"{g} {m['param_norm']:.4g}" for g, m in groups.items() if "param_norm" in m]
+    if norm:
+        parts.append("|θ| " + ", ".join(norm))
+    if prefix + "clip_coef" in vals:
+        parts.append(f"clip coef {vals[prefix + 'clip_coef']:.3g}")
+    if vals.get(prefix + "skipped"):
+        parts.append("STEP SKIPPED (non-finite gradient)")
+    return f"diagnostics step {step}: " + "; ".join(parts)
+
+
+def _console(line: str) -> None:
+    try:  # below Trainer's progress bar, not through it
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        print(line, flush=True)
+
+
+class DiagnosticsCallback(_callback_base()):
+    """HF ``TrainerCallback``: on every logging step, collects the diagnostics (on every rank: a collective) and
+    rank 0 appends them, with Trainer's own numbers of that step (``loss``, ``grad_norm``, ``learning_rate``) and
+    the evaluation results (``eval_loss``), as one JSON line to ``path`` (default ``OUTPUT_DIR/diagnostics.jsonl``;
+    ``zeroadamw plot`` reads it). The console gets one summary line per logging step (``summary=False``: none);
+    Trainer's logs stay as they are -- about 20 ``diag/*`` values per step would swamp its progress bar.
+
+    ``into_logs=True`` adds every value to Trainer's logs as well -- and so to ``trainer.state.log_history`` /
+    ``trainer_state.json`` and every ``report_to`` integration (TensorBoard, W&B, ...) that runs after this
+    callback (:func:`attach` puts it first then). ``path=False``: no file.
+
+    A fresh run (``global_step == 0`` at the start) truncates the file; a resumed run keeps the records up to the
+    step it resumes from and appends. ``file``: the path written (rank 0, once training began), else None."""
+
+    def __init__(self, track_update: bool = True, path: str | os.PathLike | bool | None = None,
+                 into_logs: bool = False, summary: bool = True) -> None:
         self.track_update = track_update
+        self.path = None if path is None or path is True else (False if path is False else os.fspath(path))
+        self.into_logs = bool(into_logs)
+        self.summary = bool(summary)
         self.diag: Diagnostics | None = None
         self._pending: tuple[int, dict[str, float]] | None = None
+        self.file: str | None = None  # set at on_train_begin, on rank 0
 
     def _diag(self, optimizer) -> Diagnostics:
         if self.diag is None or self.diag.opt is not _unwrap(optimizer):
@@ -289,7 +337,35 @@ class DiagnosticsCallback(_callback_base()):
         every = max(1, int(steps if steps >= 1 else math.ceil(steps * max(1, getattr(args, "max_steps", 1)))))
         return step % every == 0
 
+    def _open_file(self, args, state) -> None:
+        """Rank 0: resolve the file; truncate it for a fresh run, keep the records up to the resumed step."""
+        self.file = None
+        if self.path is False or not state.is_world_process_zero:
+            return
+        path = self.path or os.path.join(args.output_dir, DIAGNOSTICS_FILE)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        keep: list[str] = []
+        if state.global_step > 0 and os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", math.inf) <= state.global_step:
+                            keep.append(line if line.endswith("\n") else line + "\n")
+                    except (json.JSONDecodeError, AttributeError):
+                        continue
+        with open(path, "w") as f:
+            f.writelines(keep)
+        self.file = path
+        if self.summary:
+            _console(f"diagnostics: every logging step -> {path} (draw: zeroadamw plot {path})")
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        if self.file is not None:
+            with open(self.file, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self._open_file(args, state)
         if optimizer is None:
             return
         d = self._diag(optimizer)  # early: another optimizer's step hook must see the first step
@@ -306,21 +382,37 @@ class DiagnosticsCallback(_callback_base()):
             d.snapshot()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._pending is None or logs is None:
+        if logs is None:
+            return
+        numbers = {k: float(v) for k, v in logs.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        if self._pending is None:
+            if any(k.startswith("eval_") for k in numbers):  # evaluation results: the plot's validation loss
+                self._write({"step": int(state.global_step), **numbers})
             return
         step, pending = self._pending
         if step != state.global_step:  # collected for a step that did not log: stale now
             self._pending = None
             return
         vals = {k: v for k, v in pending.items() if math.isfinite(v)}
-        logs.update(vals)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(vals)
+        self._write({"step": int(step), **{k: v for k, v in numbers.items() if k not in vals}, **vals})
+        if self.into_logs:
+            logs.update(vals)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(vals)
+        if self.summary and state.is_world_process_zero:
+            _console(_summary_line(step, vals, self.diag.prefix if self.diag is not None else "diag/"))
         self._pending = None
 
 
-def attach(trainer, track_update: bool = True) -> DiagnosticsCallback:
-    """Add a :class:`DiagnosticsCallback` to ``trainer`` ahead of its reporting callbacks; returns it."""
-    cb = DiagnosticsCallback(track_update=track_update)
-    trainer.callback_handler.callbacks.insert(0, cb)
+def attach(trainer, track_update: bool = True, path: str | os.PathLike | bool | None = None,
+           into_logs: bool = False, summary: bool = True) -> DiagnosticsCallback:
+    """Add a :class:`DiagnosticsCallback` to ``trainer``; returns it. By default the diagnostics go to
+    ``OUTPUT_DIR/diagnostics.jsonl`` (and one summary line per logging step to the console), after Trainer's own
+    callbacks; ``into_logs=True`` also puts them into Trainer's logs, ahead of its reporting callbacks."""
+    cb = DiagnosticsCallback(track_update=track_update, path=path, into_logs=into_logs, summary=summary)
+    if into_logs:
+        trainer.callback_handler.callbacks.insert(0, cb)
+    else:
+        trainer.callback_handler.callbacks.append(cb)
     return cb

@@ -440,8 +440,10 @@ def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_si
                     notes.append("per-row step counts not included: a bare parameter count has no rows (pass a config)")
                 else:
                     st_bytes += 4 * rows
-                    notes.append(f"+ one float32 step count per row of embeddings / experts ({rows:,} rows), "
-                                 "assumed replicated on every rank; SparseAdamW is not built yet")
+                    notes.append(f"+ 4 B per row (elements / last dim) of embeddings / experts ({rows:,} rows) on "
+                                 "every rank, an approximation: SparseAdamW keeps a float32 step count and a float64 "
+                                 "decay mark (12 B) per dim-0 slice it owns -- an embedding row or a whole expert -- "
+                                 "about slices / N of them per rank")
             e = Estimate(m, label, p * psi, grads, st_bytes, master, psi, notes)
         elif m == "step_in_backward":
             if n == 1:
