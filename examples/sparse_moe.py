@@ -15,13 +15,14 @@ ids = torch.randint(0, 128, (8, 1, 6), generator=torch.Generator().manual_seed(1
 from zeroadamw import SparseAdamW, moe_param_groups
 
 groups, names = moe_param_groups(model, weight_decay=0.1)   # Mixtral / Qwen2-MoE / Qwen3-MoE style, any model
-opt = SparseAdamW(groups, lr=1e-3, catchup_decay=True)      # or by hand (expert_dp: a process group, or None):
+opt = SparseAdamW(groups, lr=1e-3, catchup_decay=True)      # or by hand:
 experts = [p for n, p in model.named_parameters() if ".experts." in n]   # [E, out, in]: dim 0 = the experts
 emb = model.get_input_embeddings()
 dense_params = [p for p in model.parameters() if all(p is not q for q in experts + [emb.weight])]
 by_hand = SparseAdamW([
     {"params": dense_params},                                                # plain sharded AdamW
-    {"params": experts, "sparse": "rows", "process_group": None},            # slices along dim 0 = experts
+    {"params": experts, "sparse": "rows", "process_group": None},            # dim 0 = experts; None: the world,
+                                                                             # or the expert-data-parallel group
     {"params": [emb.weight], "sparse": "rows", "weight_decay": 0.0},         # embedding rows; COO grads too
 ], lr=1e-3, weight_decay=0.1)
 # [readme:end]

@@ -9,13 +9,13 @@ from zeroadamw import ShardedAdamW
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 16))
-decay = [p for p in model.parameters() if p.ndim >= 2]
-no_decay = [p for p in model.parameters() if p.ndim < 2]
+matrices = [p for p in model.parameters() if p.ndim >= 2]
+vectors = [p for p in model.parameters() if p.ndim < 2]  # biases and norm weights: a small decay of their own
 total_steps = 20
 
 # [readme:start]
-groups = [{"params": decay, "weight_decay": 0.1},                                         # the optimizer's schedule
-          {"params": no_decay, "weight_decay": 0.01, "wd_schedule": lambda t: 0.5 ** t}]  # its own: step -> multiplier
+groups = [{"params": matrices, "weight_decay": 0.1},                                      # the optimizer's schedule
+          {"params": vectors, "weight_decay": 0.01, "wd_schedule": lambda t: 0.5 ** t}]   # its own: step -> multiplier
 opt = ShardedAdamW(groups, lr=3e-4, weight_decay=0.1, wd_schedule="cosine", wd_schedule_steps=total_steps)
 # wd_schedule: "cosine", "linear", "constant", or a callable step -> multiplier; per group as above
 # [readme:end]

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 # DS_ACCELERATOR: accelerate imports DeepSpeed (when installed) to unwrap models; on this CPU run tell it "cpu"
 # rather than have it probe and print "Setting accelerator to CPU" (the same choice, silently)
 export ACCELERATE_USE_CPU=true OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
-echo "cpu_demo: accelerate launch, 2 gloo processes on CPU, ShardedAdamW stage 2, 150 steps (~2.5 min on 2 cores);"
+echo "cpu_demo: accelerate launch, 2 gloo processes on CPU, ShardedAdamW stage 2, 150 steps (~3 min on 2 cores);"
 echo "cpu_demo: output in out/demo/ (config: configs/ddp_cpu.yaml, model: configs/llama-tiny.json)"
 if [ "$#" -gt 0 ]; then echo "cpu_demo: extra flags (they override the above): $*"; fi
 exec accelerate launch --config_file configs/ddp_cpu.yaml launch/finetune_llama.py \

@@ -54,3 +54,20 @@ def test_unknown_rule_names_the_choices():
 
     with pytest.raises(ValueError, match="adamw, lomo, adalomo"):
         zeroadamw.ShardedAdamW([torch.nn.Parameter(torch.zeros(3))], rule="adam")
+
+
+def test_every_public_name_has_its_own_docstring():
+    import inspect
+
+    import zeroadamw.checkpoint
+    import zeroadamw.functional
+
+    missing = []
+    for mod in (zeroadamw, zeroadamw.functional, zeroadamw.checkpoint):
+        for name in mod.__all__:
+            obj = getattr(mod, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                own = obj.__dict__.get("__doc__") if inspect.isclass(obj) else obj.__doc__
+                if not own or not own.strip():
+                    missing.append(f"{mod.__name__}.{name}")
+    assert not missing, f"no docstring of their own: {missing}"

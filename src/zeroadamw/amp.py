@@ -51,6 +51,15 @@ class GradScalerMixin:
             return None
         return grad_scaler._get_scale_async().to(self._device, torch.float32)
 
+    def _scaler_errors(self, scale: Tensor | None) -> list[tuple[type, str]]:
+        """What this rank finds wrong with the loss scale before the step's agreement (reported with the rest)."""
+        if self.engine.fused and scale is not None:
+            return [(RuntimeError, (
+                "step_in_backward without max_grad_norm updates each bucket during backward, before the loss "
+                "scale is known; with fp16 + GradScaler use step_in_backward=True with max_grad_norm=... (the "
+                "update then waits for step()), or bf16 without a scaler"))]
+        return []
+
     def _report_found_inf(self, grad_scaler, found: bool) -> None:
         state = grad_scaler._per_optimizer_states[id(self)]
         dev = grad_scaler._scale.device if grad_scaler._scale is not None else self._device

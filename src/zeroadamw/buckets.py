@@ -104,8 +104,8 @@ class Bucket:
     def check(self, p: Tensor, grad: Tensor) -> tuple[type, str] | None:
         return check_grad(p, grad)
 
-    def owned_grad_or_empty(self, i: int) -> Tensor:
-        """The owned part of ``param.grad`` (one process / DDP-averaged), or an empty tensor when it has none."""
+    def owned_grad_or_zeros(self, i: int) -> Tensor:
+        """The owned part of ``param.grad`` (one process / DDP-averaged), or zeros of that size when it has none."""
         s = self.layout.slots[i]
         g = self.params[i].grad
         if g is None:

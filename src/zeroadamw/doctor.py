@@ -1347,7 +1347,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="MODEL_CONFIG", default=None,
                         help="the model's HF config.json: name the params that get weight decay")
     parser.add_argument("--json", action="store_true", help='print {"findings": [...], "summary": {...}}')
-    parser.epilog = "exit status: 0 no error-severity finding, 1 at least one, 2 unreadable input"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "keys worth adding to an HF config: steps_per_epoch (optimizer steps per epoch; or batches_per_epoch, or\n"
+        "num_train_samples + per_device_train_batch_size + world_size) -- without a run length the timescale and\n"
+        "run-length checks stay silent; no_decay_groups, decay_embeddings, no_decay (which params get decay).\n"
+        "Every key, each finding code and its fix: the module docstring of zeroadamw.doctor\n"
+        "(python -c 'import zeroadamw.doctor as d; help(d)').\n\n"
+        "example: zeroadamw doctor args.json --model config.json\n\n"
+        "exit status: 0 no error-severity finding, 1 at least one, 2 unreadable input")
 
 
 def _human(findings: list[Finding], summary: dict, path: str) -> str:

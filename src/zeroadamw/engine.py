@@ -1,7 +1,8 @@
-"""Buckets, gradient hooks and communication scheduling: everything between ``backward()`` and the update math.
+"""Gradient hooks and communication scheduling: everything between ``backward()`` and the update math.
 
-The optimizer (:mod:`zeroadamw.sharded_adamw`) owns the hyperparameters and the update; this module owns the
-flat buffers and the collectives:
+The optimizer (:mod:`zeroadamw.sharded_adamw`) owns the hyperparameters and the update, the buckets
+(:mod:`zeroadamw.buckets`) own the flat buffers; this module decides when each bucket's gradients land, are
+reduced and are finished:
 
 * :class:`~zeroadamw.buckets.Bucket` (:mod:`zeroadamw.buckets`) -- a few parameters of one param group packed
   into one flat, padded buffer, and this rank's shard of it.
@@ -11,8 +12,9 @@ flat buffers and the collectives:
     frees ``param.grad``; a bucket whose gradients have all landed is reduce-scattered at once (async), in a fixed
     bucket order that every rank shares; at the end of every backward the buckets that did not fill (a parameter
     unused on this rank) are sent anyway, with zeros for the missing gradients, so every rank issues the same
-    collectives in the same order whatever its control flow. At most ``max_inflight`` full-size buckets exist at
-    a time; the reduced 1/N shard is accumulated (over backward passes) in ``Bucket.shard_grad``.
+    collectives in the same order whatever its control flow. At most ``max_inflight`` full-size buckets are in
+    flight, plus the one filling (3 by default); the reduced 1/N shard is accumulated (over backward passes) in
+    ``Bucket.shard_grad``.
   - **stage 1** (``N > 1``): gradients stay in ``param.grad`` until ``step()``, then are packed and
     reduce-scattered bucket by bucket (or, with ``grads_reduced=True``, used as they are: DDP already averaged
     them).
@@ -38,10 +40,10 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .buckets import Bucket, _flat, check_grad
+from .buckets import Bucket, _flat
 from .comm import Handle
 
-__all__ = ["Bucket", "GradEngine", "check_grad"]  # Bucket, check_grad: re-exported from zeroadamw.buckets
+__all__ = ["GradEngine"]
 
 
 class GradEngine:

@@ -21,7 +21,7 @@ fp32 (plus the fp32 master for bf16/fp16 params):
                               params           gradients                     optimizer state
 ============================ ================ ============================= ==============================
 torch AdamW + DDP             p Ψ              p Ψ                           8Ψ (+4Ψ master)
-stage 1                       p Ψ              p Ψ (+ one bucket at step)    (8Ψ (+4Ψ)) / N
+stage 1                       p Ψ              p Ψ (+ ≤ 3 buckets at step)   (8Ψ (+4Ψ)) / N
 stage 2                       p Ψ              ≤ 3 buckets + 4Ψ/N shard      (8Ψ (+4Ψ)) / N
 ============================ ================ ============================= ==============================
 
@@ -48,17 +48,17 @@ from .agree import AgreementMixin
 from .amp import GradScalerMixin
 from .buckets import Bucket, dense_buckets
 from .comm import Comm
-from .consolidation import ConsolidationMixin, complete_loaded_state
+from .consolidation import ConsolidationMixin
 from .control import Control
 from .engine import GradEngine
 from .in_backward import InBackwardMixin, engine_callbacks
 from .options import DEFAULT_BUCKET_SIZE, check_params, lr_max, validate_hyper, validate_max_grad_norm, validate_options
-from .plain import PlainModeMixin, plain_adamw_step
+from .plain import PlainModeMixin
 from .rules import get_rule
 from .schedules import WdSchedule, WdScheduleMixin
 from .state import StateMixin
 
-__all__ = ["ShardedAdamW", "DEFAULT_BUCKET_SIZE", "plain_adamw_step", "complete_loaded_state"]
+__all__ = ["ShardedAdamW", "DEFAULT_BUCKET_SIZE"]
 
 # GradScaler passes itself as ``grad_scaler=`` to optimizers whose step() accepts it, with a FutureWarning
 # about a replacement contract that cannot express a sharded optimizer's global inf check. We rely on the
@@ -136,8 +136,11 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
     collectives -- :mod:`zeroadamw.control`, and what a step agrees on -- :mod:`zeroadamw.agree`; state storage
     -- :mod:`zeroadamw.state`; the update rules -- :mod:`zeroadamw.rules`; the fused step in backward --
     :mod:`zeroadamw.in_backward`; GradScaler -- :mod:`zeroadamw.amp`; ``state_dict`` and copies --
-    :mod:`zeroadamw.consolidation`; DeepSpeed's client mode -- :mod:`zeroadamw.plain`. The ``*Mixin`` classes
-    are sections of this class, one file each; the attributes they use are made here, in ``__init__``.
+    :mod:`zeroadamw.consolidation`; DeepSpeed's client mode -- :mod:`zeroadamw.plain`; weight-decay schedules
+    (``_wd_take``, ``_record_step_hparams``, ``_advance_wd_schedule``) -- :mod:`zeroadamw.schedules`. The
+    ``*Mixin`` classes are sections of this class, one file each (``_local_checks`` / ``_agree_step`` in agree,
+    ``_init_state`` / ``_relocate_if_needed`` in state, ``_loss_scale`` in amp, ...); the attributes they use are
+    made here, in ``__init__``.
     """
 
     _step_supports_amp_scaling = True
@@ -293,7 +296,9 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         """Backward passes inside this context communicate nothing; gradients accumulate in ``param.grad``.
 
         Run every micro-batch but the last inside it; the last backward (outside) reduces the sum. Like
-        ``DistributedDataParallel.no_sync``.
+        ``DistributedDataParallel.no_sync``. With ``step_in_backward`` every backward still reduces (into an fp32
+        1/N accumulator: full-size gradients would undo its memory saving); ``no_sync()`` then only marks "not the
+        last micro-batch", so the update waits for the backward outside it.
         """
         self.engine.enter_no_sync()
         try:
@@ -347,23 +352,18 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             return loss
         self._relocate_if_needed()
         local_errors = self._local_checks()
-        self.engine.reduce()  # 1. what backward has not reduced yet
+        self.engine.reduce()  # phases 1-3 (docs/ARCHITECTURE.md): reduce what backward has not; launch order
         self._init_state()
         if not self._resume_checked:
             self._warn_if_resumed_without_state()
-        scale = self._loss_scale(grad_scaler)  # a 0-d device tensor, or None
-        if self.engine.fused and scale is not None:
-            local_errors.append((RuntimeError, (
-                "step_in_backward without max_grad_norm updates each bucket during backward, before the loss "
-                "scale is known; with fp16 + GradScaler use step_in_backward=True with max_grad_norm=... (the "
-                "update then waits for step()), or bf16 without a scaler")))
-        errors = local_errors + self.engine.errors
-        agreed = self._agree_step(errors, scale)  # 2. the one packed all-reduce and the one host read of the step
+        scale = self._loss_scale(grad_scaler)  # a 0-d device tensor, or None (amp.py)
+        errors = local_errors + self._scaler_errors(scale) + self.engine.errors
+        agreed = self._agree_step(errors, scale)  # phase 4: the one packed all-reduce and the one host read
         if agreed["error"]:
             self._raise_agreed(errors)
         self.engine.demote(agreed["flushed"])
         finite = self._record_norms(agreed, grad_scaler)
-        if not finite:  # 3. non-finite anywhere: skip on every rank, nothing changed
+        if not finite:  # non-finite anywhere: skip on every rank, nothing changed
             self.skipped_steps += 1
             self.engine.clear()
             return loss
@@ -371,7 +371,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         divide = (agreed["scale"] if agreed["scale"] is not None else 1.0) / coef
         # one 0-d device tensor per step (a fill, no host-to-device copy), shared by every bucket's kernel
         grad_scale = None if divide == 1.0 else torch.full((), divide, dtype=torch.float32, device=self._device)
-        self._update_and_gather(agreed["present"], grad_scale)  # 4. update the owned shards, all-gather
+        self._update_and_gather(agreed["present"], grad_scale)  # phases 5-6: update the owned shards, all-gather
         self.engine.clear()
         self._advance_wd_schedule()
         return loss
@@ -450,4 +450,4 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self._rule.kernel(params, grads, steps, bucket, idx, group, common, self.impl)
 
 
-ShardedAdamW._copy_base = ShardedAdamW
+ShardedAdamW._copy_base = ShardedAdamW  # copies are rebuilt through this constructor (consolidation.py)

@@ -251,14 +251,14 @@ class DirectRowBucket(RowBucket, DirectBucket):
 
 
 class SparseAdamW(ShardedAdamW):
-    _stepped_this_call = False
-
     r"""ShardedAdamW with lazy, exact updates for ``{"sparse": "rows"}`` groups (see the module docstring).
 
     Same constructor as :class:`~zeroadamw.ShardedAdamW` (stage, process_group, decay modes, clipping,
     accumulation, state_dict semantics) plus ``catchup_decay``; per-group keys ``"sparse": "rows"`` and
     ``"process_group": <group>``. ``step_in_backward`` is not supported (use ShardedAdamW for it).
     """
+
+    _stepped_this_call = False  # some bucket took the update in this step() call (the log-decay advances)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, catchup_decay: bool = True, **kwargs: Any) -> None:
@@ -416,7 +416,8 @@ def moe_param_groups(model: torch.nn.Module, weight_decay: float = 0.0, *, embed
       expert) and per-expert modules (``...experts.<i>.*``) -> ``{"sparse": "rows"}`` (3-D) and dense otherwise,
       over ``expert_process_group`` when given;
     * ``embeddings``: input embeddings (``nn.Embedding`` weights) -> ``{"sparse": "rows"}`` when
-      ``embeddings_sparse`` (rows = tokens; COO gradients accepted), no weight decay (as Trainer does);
+      ``embeddings_sparse`` (rows = tokens; COO gradients accepted), no weight decay (a choice of ours for
+      lazily updated rows -- HF Trainer's own split does decay embeddings; pass your own groups for that);
     * ``decay`` / ``no_decay``: the rest, biases and norm weights without decay (Trainer's rule).
 
     Returns ``(groups, names)`` where ``names`` maps each group's name to the parameter names it holds.

@@ -66,7 +66,7 @@ class AdaLomoRule(Rule):
         if not idx:
             return
         grads = dict(zip(idx, opt.engine.grad_views(bucket, idx) if opt.engine.sharded(bucket) else
-                         [bucket.owned_grad_or_empty(i) for i in idx]))
+                         [bucket.owned_grad_or_zeros(i) for i in idx]))
         items = []
         parts = []
         for i in idx:
