@@ -1,5 +1,6 @@
 """The codebase's shape targets (docs/ARCHITECTURE.md): no class over 400 lines, no function over 120, the rules
-behind one interface, and the README's module map naming every module that exists."""
+behind one interface, docs/ARCHITECTURE.md's module map naming every module that exists, and docstrings of
+their own."""
 
 from __future__ import annotations
 
