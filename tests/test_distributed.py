@@ -71,9 +71,11 @@ def test_stage2_under_ddp_is_refused():
     assert all(run(workers.ddp_stage2_is_refused, 2))
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_stage2_moves_what_ddp_moves(world_size):
-    res = run(workers.comm_bytes, world_size, 2, env={"ZEROADAMW_GLOO_REDUCE_SCATTER": "native"})[0]
+@pytest.mark.parametrize("world_size,rs", [(2, "auto"), (4, "auto"), (2, "native")])
+def test_stage2_moves_what_ddp_moves(world_size, rs):
+    # auto: gloo's point-to-point reduce-scatter and all-gather; native: gloo's own collectives
+    res = run(workers.comm_bytes, world_size, 2, env={"ZEROADAMW_GLOO_REDUCE_SCATTER": rs,
+                                                      "ZEROADAMW_GLOO_ALL_GATHER": rs})[0]
     # reduce-scatter + all-gather == DDP's all-reduce, up to padding (< N elements per bucket)
     assert res["rs"] + res["ag"] <= res["ddp"] * (res["padded_bytes"] / res["grad_bytes"]) + 1
     assert res["rs"] + res["ag"] >= res["ddp"] - 1

@@ -16,7 +16,7 @@ from torch import Tensor
 from .comm import Comm, Handle
 from .layout import BucketLayout, plan_buckets
 
-__all__ = ["Bucket", "DirectBucket", "check_grad", "dense_buckets", "master_dtype_for", "trainable"]
+__all__ = ["Bucket", "BufferPool", "DirectBucket", "check_grad", "dense_buckets", "master_dtype_for", "trainable"]
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -25,6 +25,73 @@ def _flat(t: Tensor) -> Tensor:
 
 def _nbytes(t: Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
+
+
+class BufferPool:
+    """Flat buffers reused from step to step instead of allocated and freed per bucket and per step.
+
+    A bucket takes a buffer when it needs one (the full-size gradient buffer, the reduce-scatter's output and
+    scratch) and gives it back when its collective is done. A request gets the smallest free buffer of its kind
+    that is large enough (a view of its first ``numel`` elements). When none is, the pool allocates -- and, if
+    a free buffer of that kind exists (too small), drops it: so a kind never holds more buffers than were *in
+    use at once* (``peak_in_use``; about ``max_inflight`` + 1 full-size buckets in stage 2), each no larger than
+    the largest request, and with the same requests every step it stops changing after a step or two. Then
+    neither glibc's heap nor CUDA's caching allocator is left holding dead gradient buckets, and no buffer is
+    faulted in again every step (``MALLOC_MMAP_THRESHOLD_``). ``bytes`` is what the pool holds.
+    """
+
+    def __init__(self) -> None:
+        self.free: dict[tuple[str, torch.dtype, torch.device], list[Tensor]] = {}
+        self._mine: dict[int, str] = {}  # id of each buffer this pool allocated -> its kind
+        self.bytes = 0
+        self.in_use: dict[str, int] = {}
+        self.peak_in_use: dict[str, int] = {}
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device, kind: str = "") -> Tensor:
+        """A buffer of ``numel`` elements (contents undefined). ``kind`` keeps buffers of different uses apart
+        (full-size gradients, scratch, reduced shards)."""
+        free = self.free.setdefault((kind, dtype, torch.device(device)), [])
+        fits = [j for j, b in enumerate(free) if b.numel() >= numel]
+        if fits:
+            base = free.pop(min(fits, key=lambda j: free[j].numel()))
+        else:
+            if free:  # every free one is too small: replace the largest (the count of buffers does not grow)
+                old = free.pop(max(range(len(free)), key=lambda j: free[j].numel()))
+                del self._mine[id(old)]
+                self.bytes -= _nbytes(old)
+                del old
+            base = torch.empty(numel, dtype=dtype, device=device)
+            self._mine[id(base)] = kind
+            self.bytes += _nbytes(base)
+        self.in_use[kind] = self.in_use.get(kind, 0) + 1
+        self.peak_in_use[kind] = max(self.peak_in_use.get(kind, 0), self.in_use[kind])
+        return base[:numel]
+
+    def give(self, t: Tensor | None) -> None:
+        """Return a buffer from :meth:`take` (anything else is ignored: left to the allocator)."""
+        if t is None:
+            return
+        base = t._base if t._base is not None else t
+        kind = self._mine.get(id(base))
+        if kind is not None:
+            free = self.free.setdefault((kind, base.dtype, base.device), [])
+            if not any(b is base for b in free):
+                free.append(base)
+                self.in_use[kind] -= 1
+
+    def held(self, kind: str) -> list[Tensor]:
+        """The free buffers of ``kind`` (all of them, between steps)."""
+        return [b for (k, _, _), bufs in self.free.items() if k == kind for b in bufs]
+
+    def clear(self) -> None:
+        """Drop the free buffers (after the model moved to another device; after the first step, whose unordered
+        launches held more buffers than any later step). Buffers in use stay counted."""
+        for bufs in self.free.values():
+            for b in bufs:
+                self._mine.pop(id(b), None)
+                self.bytes -= _nbytes(b)
+        self.free.clear()
+        self.peak_in_use = dict(self.in_use)
 
 
 class _Counted:
@@ -88,6 +155,11 @@ class Bucket:
         self.exp_avg_sq: Tensor | None = None
         self.master: Tensor | None = None
         self.on_moved = None  # optimizer callback(bucket) after to_device: re-bind optimizer.state views
+        self.pool: BufferPool | None = None  # set by the engine: where gradient buffers come from and go back
+        self.scratch: Tensor | None = None  # the reduce-scatter's receive buffer (gloo point-to-point)
+        # params as views of one flat, padded buffer (bind_params): the all-gather writes them in place
+        self.flat: Tensor | None = None
+        self._bound: list[int] = []  # the params' data pointers when bound (a changed one: p.data was replaced)
 
     full = _Counted("_full", "_count_full")  # padded flat gradient buffer, alive until its reduce-scatter is done
     shard_grad = _Counted("_shard_grad", "_count_shard")  # reduced, averaged gradient of the owned shard
@@ -121,9 +193,21 @@ class Bucket:
         return self.shard_view(self.master, i) if self.master is not None else self.owned_param_view(i)
 
     # -------------------------------------------------------------------------------------------- gradients
-    def _alloc_full(self) -> Tensor:
-        full = torch.empty(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
-        if self.layout.padding:
+    def _take(self, numel: int, dtype: torch.dtype, kind: str) -> Tensor:
+        if self.pool is None:
+            return torch.empty(numel, dtype=dtype, device=self.device)
+        return self.pool.take(numel, dtype, self.device, kind)
+
+    def _give(self, *ts: Tensor | None) -> None:
+        if self.pool is not None:
+            for t in ts:
+                self.pool.give(t)
+
+    def _alloc_full(self, zero: bool = False) -> Tensor:
+        full = self._take(self.layout.padded, self.reduce_dtype, "full")
+        if zero:
+            full.zero_()
+        elif self.layout.padding:
             full[self.layout.numel :].zero_()
         return full
 
@@ -149,7 +233,7 @@ class Bucket:
     def fill_missing(self) -> None:
         """Zero the slots of parameters that have not landed this round (so they contribute nothing)."""
         if self.full is None:
-            self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
+            self.full = self._alloc_full(zero=True)
             return
         for i, s in enumerate(self.layout.slots):
             if not self.landed[i]:
@@ -159,23 +243,31 @@ class Bucket:
         n = self.comm.world_size
         if self.reduce_dtype == torch.float16:
             self.full.div_(n)  # fp16: average before summing, as DDP does, so the sum cannot overflow
-        self.rs_out = torch.empty(self.layout.shard, dtype=self.reduce_dtype, device=self.device)
-        self.handle = self.comm.reduce_scatter(self.rs_out, self.full, async_op=True)
+        self.rs_out = self._take(self.layout.shard, self.reduce_dtype, "shard")
+        need = self.comm.scratch_numel(self.full)
+        self.scratch = self._take(need, self.reduce_dtype, "scratch") if need else None
+        self.handle = self.comm.reduce_scatter(self.rs_out, self.full, async_op=True, scratch=self.scratch)
         self.launched = True
 
     def finish(self) -> None:
         """Wait for the reduce-scatter, average, accumulate into ``shard_grad`` and free the full buffer."""
         self.handle.wait()
         out = self.rs_out
-        if self.reduce_dtype != torch.float16:
-            out = out.to(self.acc_dtype).div_(self.comm.world_size)
+        full, scratch = self.full, self.scratch
+        self.full = self.scratch = self.handle = self.rs_out = None
+        self._give(full, scratch)
+        if out.dtype != self.acc_dtype:  # e.g. bf16 reduced, fp32 accumulated
+            o = self._take(self.layout.shard, self.acc_dtype, "shard").copy_(out)
+            self._give(out)
         else:
-            out = out.to(self.acc_dtype)
+            o = out
+        if self.reduce_dtype != torch.float16:  # fp16 was averaged before summing (launch)
+            o.div_(self.comm.world_size)
         if self.shard_grad is None:
-            self.shard_grad = out
+            self.shard_grad = o  # a pooled buffer: back to the pool at release_grads
         else:
-            self.shard_grad.add_(out)
-        self.full = self.rs_out = self.handle = None
+            self.shard_grad.add_(o)
+            self._give(o)
 
     def reset_round(self) -> None:
         self.landed = [False] * len(self.params)
@@ -191,12 +283,17 @@ class Bucket:
         return [self.shard_view(self.shard_grad, i) for i in indices]
 
     def release_grads(self) -> None:
-        """Free the reduced gradient (after the update used it)."""
+        """Free the reduced gradient (after the update used it): back to the pool."""
+        g = self.shard_grad
         self.shard_grad = None
+        self._give(g)
 
     def clear_grads(self) -> None:
         self.release_grads()
-        self.full = self.rs_out = self.handle = None
+        if self.handle is None:
+            self._give(self.full, self.rs_out, self.scratch)
+        # else: a collective still in flight (a backward that raised): its buffers are dropped, not reused
+        self.full = self.rs_out = self.scratch = self.handle = None
         self.present = [False] * len(self.params)
         self.flushed = False
         self.applied = False
@@ -224,12 +321,45 @@ class Bucket:
         if device == self.device:
             return
         self.device = device
-        for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad", "full"):
+        for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad", "full", "rs_out", "scratch"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
+        if self.pool is not None:
+            self.pool.clear()
+        if self.flat is not None:  # the moved params are new tensors: views of a flat buffer on the new device
+            self.bind_params()
         if self.on_moved is not None:
             self.on_moved(self)
+
+    # ------------------------------------------------------------------------------------ params as views
+    def bind_params(self) -> None:
+        """Make the params views of one flat, padded buffer (``self.flat``) holding their current values, so
+        that :meth:`gather_params` all-gathers straight into them: no output buffer, no copy out. A parameter
+        whose ``.data`` is replaced later (``p.data = t``, ``model.to(...)``) is found by
+        :meth:`rebind_if_replaced` and bound again."""
+        flat = torch.zeros(self.layout.padded, dtype=self.dtype, device=self.device)
+        for p, s in zip(self.params, self.layout.slots):
+            flat[s.offset : s.offset + s.numel].copy_(_flat(p.detach()))
+        for p, s in zip(self.params, self.layout.slots):
+            p.data = flat[s.offset : s.offset + s.numel].view(p.shape)
+        self.flat = flat
+        self._bound = [p.data_ptr() for p in self.params]
+
+    def rebind_if_replaced(self) -> tuple[type, str] | None:
+        """A parameter's ``.data`` was replaced since :meth:`bind_params` (same dtype and device: bind again,
+        keeping the new values). Returns the problem when it cannot be bound (its dtype changed)."""
+        if self.flat is None or all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._bound)):
+            return None
+        for p in self.params:
+            if p.dtype != self.dtype:
+                return ValueError, (
+                    f"a parameter's dtype changed from {self.dtype} to {p.dtype} after the optimizer was built "
+                    "(model.to(dtype) / .half()?); convert the model first, then build the optimizer")
+        if any(p.device != self.device for p in self.params):
+            return None  # a device move: to_device binds on the new device
+        self.bind_params()
+        return None
 
     def gather_params(self, indices: list[int]) -> Handle | None:
         """Start the all-gather of this bucket's updated shard (the master rounded to the param dtype, or the owned
@@ -240,6 +370,15 @@ class Bucket:
                 for i in indices:
                     self.owned_param_view(i).copy_(self.shard_view(self.master, i))
             return None
+        if self.flat is not None:  # params are views of self.flat: gather in place
+            lo, hi = self.layout.owner_range(self.layout.rank)
+            mine = self.flat[lo:hi]
+            if self.master is not None:  # only the params updated this step (a stale master is never written)
+                own = [i for i in indices if self.layout.slots[i].owned]
+                if own:
+                    torch._foreach_copy_([self.shard_view(mine, i) for i in own],
+                                         [self.shard_view(self.master, i) for i in own])
+            return self.comm.all_gather(self.flat, mine, async_op=True)
         if self.master is not None:
             send = self.master.to(self.dtype)
         else:

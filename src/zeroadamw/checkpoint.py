@@ -636,6 +636,8 @@ def save(
     parent, name = os.path.split(path)
     if model is None and optimizer is None:
         raise ValueError("nothing to save: pass model= and/or optimizer=")
+    if isinstance(optimizer, ShardedAdamW):
+        optimizer.wait_params()  # overlap_param_gather: the weights saved are the updated ones
     state: dict[str, Any] = {}
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION, "world_size": dist.get_world_size() if _dist() else 1,
                             "created": time.time(), "model": None, "optimizer": None, "scheduler": None}
@@ -802,6 +804,8 @@ def load(
     Expert groups (param groups with a ``process_group``) load their own tensors; their number must be the one
     saved, the ranks per expert group may differ.
     """
+    if isinstance(optimizer, ShardedAdamW):
+        optimizer.wait_params()  # no deferred all-gather may land on the loaded weights
     path = os.path.abspath(os.fspath(path))
     _agreed(path, "recovering an interrupted save (rank 0)", (lambda: _recover(path)) if _rank() == 0 else None,
             op="loading", as_is=True, gather=False)

@@ -40,7 +40,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .buckets import Bucket, _flat
+from .buckets import Bucket, BufferPool, _flat
 from .comm import Handle
 
 __all__ = ["GradEngine"]
@@ -69,9 +69,15 @@ class GradEngine:
         self.release_check = None  # optimizer callback: True when it no longer owns its params' gradients
         self._final = False  # the current backward round is the last micro-batch (outside no_sync())
         self._ag_inflight: deque[Handle] = deque()
+        # overlap_param_gather: all-gathers of updated buckets left in flight after the update, each waited by the
+        # forward pre-hook of a module owning one of its params (or by wait_params)
+        self.overlap_param_gather = False
+        self.param_gathers: dict[int, Handle] = {}  # id(bucket) -> its all-gather, in launch order
+        self._pre_forward_hooked = False
         self.buckets: list[Bucket] = []  # update order
         self.hooked_buckets: list[Bucket] = []  # launch order of the buckets reduced in backward; same on all ranks
         self.where: dict[Tensor, tuple[Bucket, int]] = {}
+        self.pool = BufferPool()  # gradient buffers reused every step (buckets take and give back)
         self._hooks: list = []
         self._finalizer = weakref.finalize(self, _remove_handles, self._hooks)
         self._no_sync = 0
@@ -104,6 +110,7 @@ class GradEngine:
             raise RuntimeError(f"internal: {bucket!r} is {'' if bucket.direct else 'not '}a DirectBucket, but this "
                                "engine reduces it " + ("in one process in backward" if direct else "with collectives"))
         bucket.tracker = self
+        bucket.pool = self.pool
         bucket.on_moved = self.on_moved
         self.buckets.append(bucket)
         for i, p in enumerate(bucket.params):
@@ -134,6 +141,38 @@ class GradEngine:
 
     def remove_hooks(self) -> None:
         _remove_handles(self._hooks)
+        self._pre_forward_hooked = False
+
+    # ------------------------------------------------------------------------ deferred parameter all-gathers
+    def gathered(self, bucket: Bucket, handle: Handle | None) -> Handle | None:
+        """``bucket``'s updated params are being all-gathered (``handle``). With ``overlap_param_gather`` the
+        gather is left in flight for the next forward and None is returned; else the handle, for the caller to
+        wait on."""
+        if handle is None or not self.overlap_param_gather:
+            return handle
+        self.param_gathers[id(bucket)] = handle
+        if not self._pre_forward_hooked:  # one process-wide module pre-hook per engine, removed with it
+            ref = weakref.ref(self)
+            self._hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(
+                lambda module, args, ref=ref: _pre_forward(ref, module)))
+            self._pre_forward_hooked = True
+        return None
+
+    def wait_params(self, module: torch.nn.Module | None = None) -> None:
+        """Wait for the deferred all-gathers: of the buckets holding ``module``'s own params, or all."""
+        gathers = self.param_gathers
+        if not gathers:
+            return
+        if module is None:
+            while gathers:
+                gathers.pop(next(iter(gathers))).wait()
+            return
+        for p in module._parameters.values():
+            hit = self.where.get(p) if p is not None else None
+            if hit is not None:
+                h = gathers.pop(id(hit[0]), None)
+                if h is not None:
+                    h.wait()
 
     def error(self, exc_type: type, msg: str) -> None:
         if (exc_type, msg) not in self.errors:
@@ -238,7 +277,12 @@ class GradEngine:
                 self._apply_next()
 
     def _apply_next(self) -> None:
-        handle = self.apply_fn(self._agree_q.popleft())
+        agreement = self._agree_q.popleft()
+        if agreement is not None and id(agreement[0]) in self.param_gathers:  # last step's gather lands first
+            self.param_gathers.pop(id(agreement[0])).wait()
+        handle = self.apply_fn(agreement)
+        if handle is not None:
+            handle = self.gathered(agreement[0], handle)
         if handle is not None:
             self._ag_inflight.append(handle)
         while self._ag_inflight and (len(self._ag_inflight) > self.max_inflight or self._ag_inflight[0].done()):
@@ -287,6 +331,7 @@ class GradEngine:
             raise RuntimeError(f"bucket order from rank 0 is not a permutation of {n} buckets: {perm}")
         self.hooked_buckets = [self.hooked_buckets[i] for i in perm]
         self._reordered = True
+        self.pool.clear()  # the first backward's buffers piled up behind the unordered launch: regrow in order
 
     def flushed_flags(self) -> list[float]:
         """Per launch-order bucket: had to be sent at the end of a backward on this rank since the last step."""
@@ -334,9 +379,18 @@ class GradEngine:
         if self._reduced:
             return
         for bucket in self.buckets:
+            h = self.param_gathers.get(id(bucket))
+            if h is not None:
+                if bucket.applied:  # updated in backward (fused): its gather is left for the next forward
+                    continue
+                del self.param_gathers[id(bucket)]
+                h.wait()  # the update reads the params (and a replaced p.data is looked for below)
             dev = bucket.params[0].device
             if dev != bucket.device:
                 bucket.to_device(dev)
+            problem = bucket.rebind_if_replaced()  # params as views: p.data replaced since (same dtype: bind again)
+            if problem is not None:
+                self.error(*problem)
         if self.hooked_buckets:
             if self._round_active:  # step() called from inside backward (should not happen); finish the round
                 self._backward_done()
@@ -457,6 +511,12 @@ def _inside_nested_backward() -> bool:
             return True
         f = f.f_back
     return False
+
+
+def _pre_forward(ref: weakref.ref, module: torch.nn.Module) -> None:
+    engine = ref()
+    if engine is not None and engine.param_gathers:
+        engine.wait_params(module)
 
 
 def _hook(ref: weakref.ref, p: Tensor) -> None:

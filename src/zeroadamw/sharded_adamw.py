@@ -169,6 +169,8 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         decay_rate: float = -0.8,
         wd_schedule: WdSchedule = None,
         wd_schedule_steps: int | None = None,
+        param_views: bool = True,
+        overlap_param_gather: bool = False,
     ) -> None:
         self._wd_default = (wd_schedule, wd_schedule_steps)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -186,8 +188,17 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self.impl = impl
         self.rule = rule
         self.step_in_backward = bool(step_in_backward)
+        if not isinstance(param_views, bool):
+            raise TypeError(f"param_views must be True or False, got {param_views!r}")
+        self.param_views = param_views
+        if not isinstance(overlap_param_gather, bool):
+            raise TypeError(f"overlap_param_gather must be True or False, got {overlap_param_gather!r}")
+        if overlap_param_gather and not param_views:
+            raise ValueError("overlap_param_gather=True needs param_views=True (the all-gather lands in the params "
+                             "themselves; without views it would hold a full-size output buffer until the forward)")
         self.comm = Comm(process_group)
         self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
+        self.engine.overlap_param_gather = overlap_param_gather
         self.max_grad_norm = max_grad_norm  # (a property: with step_in_backward it picks fused vs exact clipping)
         self.grad_norm_tensor = torch.zeros((), dtype=torch.float32)  # grad_norm as a 0-d tensor, updated in place
         self.engine.release_check = _weak(self, "_check_plain", gone=True)  # no optimizer: leave param.grad alone
@@ -215,6 +226,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         super().__init__(params, defaults)
         self.control  # noqa: B018 - build the control plane now that the params' device is known
         self._check_same_layout(self._layout_signature)
+        self._bind_params(self.engine.buckets)
         self._constructed = True
         if not self.engine.buckets:
             raise ValueError(
@@ -266,6 +278,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             self.engine.add_bucket(bucket)
         if self._constructed:  # a group added later: check it now (every rank must add it)
             self._check_same_layout(signature)
+            self._bind_params(buckets)
         else:
             self._layout_signature.append(signature)
         if self._state_ready:
@@ -279,6 +292,14 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         buckets, entries = dense_buckets(group["params"], gi, self.comm, self.bucket_size, self.master_dtype,
                                          self.reduce_dtype, in_backward=self.step_in_backward)
         return buckets, [gi, len(group["params"]), *entries]
+
+    def _bind_params(self, buckets: list[Bucket]) -> None:
+        """Params as views of their buckets' flat buffers (``param_views``; several ranks: the all-gather then
+        writes them in place). One process gathers nothing: its params stay as they are."""
+        if self.param_views:
+            for bucket in buckets:
+                if bucket.comm.world_size > 1 and not bucket.direct:
+                    bucket.bind_params()
 
     def _check_same_layout(self, signature: list) -> None:
         """Every rank must build the same buckets, or collectives would pair up different data."""
@@ -310,6 +331,17 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         """Clear ``param.grad`` and the gradients accumulated (sharded) inside the optimizer."""
         super().zero_grad(set_to_none=set_to_none)
         self.engine.clear()
+
+    @property
+    def overlap_param_gather(self) -> bool:
+        """The updated params' all-gather is left in flight after ``step()`` and waited by the next forward."""
+        return self.engine.overlap_param_gather
+
+    def wait_params(self) -> None:
+        """Wait until every param holds its updated value. Only needed with ``overlap_param_gather=True``, before
+        reading params outside a module's forward (``model.state_dict()``, an EMA copy, ``p.detach()``); the
+        next forward, ``step()``, ``state_dict()`` and :mod:`zeroadamw.checkpoint` wait by themselves."""
+        self.engine.wait_params()
 
     def comm_counters(self) -> dict[str, dict[str, int]]:
         """Collective calls and bytes sent by this rank since the last :meth:`reset_comm_counters`."""
@@ -411,7 +443,9 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             if bucket.applied or not any(here):
                 continue
             self._update_bucket(bucket, here, grad_scale)
-            handle = bucket.gather_params([i for i in range(n) if here[i]])
+            handle = self.engine.gathered(bucket, bucket.gather_params([i for i in range(n) if here[i]]))
+            if handle is None:  # one process, or left in flight for the next forward (overlap_param_gather)
+                continue
             if pending is not None:
                 pending.wait()
             pending = handle

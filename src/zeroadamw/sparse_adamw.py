@@ -139,7 +139,8 @@ class RowBucket(Bucket):
         self.touched |= msg[1:] > 0
         self.local_touched.zero_()
         if self.kind == _COO:
-            self.full = None
+            full, self.full = self.full, None
+            self._give(full)
             self._exchange_coo()
             self.launched = True
             return
@@ -149,7 +150,7 @@ class RowBucket(Bucket):
     def _ensure_full(self) -> None:
         """A dense round needs the full buffer even when no gradient landed here (zeros)."""
         if self.full is None:
-            self.full = torch.zeros(self.layout.padded, dtype=self.reduce_dtype, device=self.device)
+            self.full = self._alloc_full(zero=True)
 
     def _dense_reduced(self) -> Tensor | None:
         """The reduced dense gradient of the owned rows, flat (or None)."""
