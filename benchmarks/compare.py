@@ -34,7 +34,8 @@ Modes (``--modes``): ``ddp_adamw`` (DDP + torch.optim.AdamW(fused=True); one pro
 group, no DDP), ``ds_zero1`` / ``ds_zero2`` (DeepSpeed ZeRO-1/2 with torch.optim.AdamW(fused=True) as the client
 optimizer, DeepSpeed's default buckets), ``bnb_adamw8bit`` (DDP + bitsandbytes.optim.AdamW8bit), ``lomo``
 (lomo_optim.Lomo, SGD fused into backward; one process only: it does not reduce gradients across ranks),
-``zeroadamw_stage1`` / ``zeroadamw_stage2`` (ShardedAdamW, no DDP), ``zeroadamw_sib``
+``zeroadamw_stage1`` / ``zeroadamw_stage2`` (ShardedAdamW, no DDP), ``zeroadamw_stage2_overlap`` (stage 2 with
+``overlap_param_gather=True``: the all-gather is waited by the next forward), ``zeroadamw_sib``
 (``step_in_backward=True``, the fused variant), ``zeroadamw_sib_clip`` (the same with ``max_grad_norm=1.0``:
 exact clipping, update at step()). Every mode uses lr 1e-3, weight decay 0.1 in one param group, no clipping
 (except zeroadamw_sib_clip), each library's default buckets. A row that cannot run (a library not installed,
@@ -73,7 +74,7 @@ import tempfile
 import time
 
 MODES = ["ddp_adamw", "zero_redundancy", "ds_zero1", "ds_zero2", "bnb_adamw8bit", "lomo",
-         "zeroadamw_stage1", "zeroadamw_stage2", "zeroadamw_sib", "zeroadamw_sib_clip"]
+         "zeroadamw_stage1", "zeroadamw_stage2", "zeroadamw_stage2_overlap", "zeroadamw_sib", "zeroadamw_sib_clip"]
 LABELS = {
     "ddp_adamw": "DDP + torch AdamW (fused)",
     "zero_redundancy": "DDP + torch ZeroRedundancyOptimizer",
@@ -83,11 +84,13 @@ LABELS = {
     "lomo": "lomo_optim.Lomo (SGD)",
     "zeroadamw_stage1": "zeroadamw stage 1",
     "zeroadamw_stage2": "zeroadamw stage 2",
+    "zeroadamw_stage2_overlap": "zeroadamw stage 2 + overlap_param_gather",
     "zeroadamw_sib": "zeroadamw step in backward",
     "zeroadamw_sib_clip": "zeroadamw step in backward + clip",
 }
 NEEDS = {"ds_zero1": "deepspeed", "ds_zero2": "deepspeed", "bnb_adamw8bit": "bitsandbytes", "lomo": "lomo_optim"}
-ZERO_MODES = ["zeroadamw_stage1", "zeroadamw_stage2", "zeroadamw_sib", "zeroadamw_sib_clip"]
+ZERO_MODES = ["zeroadamw_stage1", "zeroadamw_stage2", "zeroadamw_stage2_overlap", "zeroadamw_sib",
+              "zeroadamw_sib_clip"]
 LR, WD = 1e-3, 0.1
 
 # the default model: a ~50M-param Llama (fp32) -- sized so that the whole matrix runs in < 15 min on 2 CPU cores
@@ -241,6 +244,7 @@ def worker(args) -> None:
         opt = ShardedAdamW(params, lr=LR, weight_decay=WD, stage=1 if mode == "zeroadamw_stage1" else 2,
                            step_in_backward=mode.startswith("zeroadamw_sib"),
                            max_grad_norm=1.0 if mode == "zeroadamw_sib_clip" else None,
+                           overlap_param_gather=mode.endswith("_overlap"),
                            **({"bucket_size": args.bucket_size} if args.bucket_size else {}))
 
     gc.collect()
@@ -537,14 +541,19 @@ def targets(records, kernel_json: str | None) -> tuple[str, list[dict]]:
     else:
         out.append("- vs DeepSpeed ZeRO-2: not measured (" + _status(by, "ds_zero2", n) + ")")
     out.append("")
+    out.append("**Step time, zeroadamw stage 2 vs DDP + torch fused AdamW** (median step, slowest rank; one process: "
+               "vs torch fused AdamW alone):")
+    for m in sizes:
+        td_m, t2_m = _get(by, "ddp_adamw", m, "step_ms_median"), _get(by, "zeroadamw_stage2", m, "step_ms_median")
+        if td_m and t2_m:
+            verdict(f"time_vs_ddp_N{m}", t2_m <= td_m,
+                    f"N={m} stage 2 {t2_m:.0f} ms vs DDP + AdamW {td_m:.0f} ms: {t2_m / td_m:.2f}x (target <= 1.00x)")
+        to_m = _get(by, "zeroadamw_stage2_overlap", m, "step_ms_median")
+        if td_m and to_m and m > 1:
+            out.append(f"- N={m} stage 2 + overlap_param_gather {to_m:.0f} ms: {to_m / td_m:.2f}x DDP + AdamW's "
+                       "(informational)")
     td, t2, tds = (_get(by, "ddp_adamw", n, "step_ms_median"), _get(by, "zeroadamw_stage2", n, "step_ms_median"),
                    _get(by, "ds_zero2", n, "step_ms_median"))
-    out.append(f"**Step time at N = {n}, zeroadamw stage 2** (median step, slowest rank):")
-    if td and t2:
-        verdict("time_vs_ddp", t2 <= 1.1 * td,
-                f"stage 2 {t2:.0f} ms vs DDP + AdamW {td:.0f} ms: {t2 / td:.2f}x (target <= 1.1x)")
-    else:
-        out.append("- vs DDP + AdamW: not measured")
     if tds and t2:
         verdict("time_vs_ds_zero2", t2 <= tds,
                 f"stage 2 {t2:.0f} ms vs DeepSpeed ZeRO-2 {tds:.0f} ms: {t2 / tds:.2f}x (target <= 1.0x)")

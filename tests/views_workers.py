@@ -93,18 +93,18 @@ def deferred_gather(rank, world_size, sib):
     in_flight = []
     for s in range(4):
         la = _train(ma, oa, rank, 1, start=s)
-        in_flight.append(len(oa.engine.param_gathers))
+        in_flight.append(len(oa.engine.gathers))
         lb = _train(mb, ob, rank, 1, start=s)
         assert la == lb, (s, la, lb)
     assert min(in_flight) == len(oa.engine.buckets), in_flight  # every bucket's gather was left to the forward
     with torch.no_grad():  # an evaluation forward waits as well
         ea, eb = llama_loss(ma, llama_batch(50, rank)).item(), llama_loss(mb, llama_batch(50, rank)).item()
-    assert ea == eb and not oa.engine.param_gathers
+    assert ea == eb and not oa.engine.gathers.pending
     _train(ma, oa, rank, 1, start=4)
     _train(mb, ob, rank, 1, start=4)
-    assert oa.engine.param_gathers
+    assert oa.engine.gathers.pending
     oa.state_dict()  # a collective that reads params: waits first
-    assert not oa.engine.param_gathers
+    assert not oa.engine.gathers.pending
     _same_params(ma, mb, "after state_dict")
     _train(ma, oa, rank, 1, start=5)
     _train(mb, ob, rank, 1, start=5)

@@ -58,7 +58,7 @@ class ConsolidationMixin:
         """
         if self._check_plain():
             return torch.optim.Optimizer.state_dict(self)  # (runs the hooks itself)
-        self.engine.wait_params()  # masters of fp32 params are the params: read them updated
+        self.wait_params()  # masters of fp32 params are the params: read them updated
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = self._consolidated_state_dict()
@@ -148,7 +148,7 @@ class ConsolidationMixin:
             raise ValueError("expected a torch.optim state dict with 'state' and 'param_groups' keys")
         if self._check_plain():
             return torch.optim.Optimizer.load_state_dict(self, state_dict)  # (hooks; then our __setstate__)
-        self.engine.wait_params()  # a loaded master is rounded into the params: no gather may land after it
+        self.wait_params()  # a loaded master is rounded into the params: no gather may land after it
         state_dict = state_dict.copy()  # shallow, as torch: what pre-hooks edit at the top level stays theirs
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             hook_result = pre_hook(self, state_dict)
@@ -272,7 +272,7 @@ class ConsolidationMixin:
                   reduce_dtype=self.reduce_dtype, impl=self.impl, step_in_backward=self.step_in_backward,
                   rule=self.rule, wd_schedule=portable_wd_fn(self._wd_default[0]),
                   wd_schedule_steps=self._wd_default[1], param_views=self.param_views,
-                  overlap_param_gather=self.overlap_param_gather)
+                  overlap_param_gather=self.engine.gathers.on)
         kw.update({k: d[k] for k in self._rule.hyper_keys})
         return kw
 

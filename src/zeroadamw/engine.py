@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .buckets import Bucket, BufferPool, _flat
 from .comm import Handle
+from .gathers import DeferredGathers
 
 __all__ = ["GradEngine"]
 
@@ -69,15 +70,11 @@ class GradEngine:
         self.release_check = None  # optimizer callback: True when it no longer owns its params' gradients
         self._final = False  # the current backward round is the last micro-batch (outside no_sync())
         self._ag_inflight: deque[Handle] = deque()
-        # overlap_param_gather: all-gathers of updated buckets left in flight after the update, each waited by the
-        # forward pre-hook of a module owning one of its params (or by wait_params)
-        self.overlap_param_gather = False
-        self.param_gathers: dict[int, Handle] = {}  # id(bucket) -> its all-gather, in launch order
-        self._pre_forward_hooked = False
         self.buckets: list[Bucket] = []  # update order
         self.hooked_buckets: list[Bucket] = []  # launch order of the buckets reduced in backward; same on all ranks
         self.where: dict[Tensor, tuple[Bucket, int]] = {}
         self.pool = BufferPool()  # gradient buffers reused every step (buckets take and give back)
+        self.gathers = DeferredGathers(self.where)  # overlap_param_gather: all-gathers left for the next forward
         self._hooks: list = []
         self._finalizer = weakref.finalize(self, _remove_handles, self._hooks)
         self._no_sync = 0
@@ -141,38 +138,7 @@ class GradEngine:
 
     def remove_hooks(self) -> None:
         _remove_handles(self._hooks)
-        self._pre_forward_hooked = False
-
-    # ------------------------------------------------------------------------ deferred parameter all-gathers
-    def gathered(self, bucket: Bucket, handle: Handle | None) -> Handle | None:
-        """``bucket``'s updated params are being all-gathered (``handle``). With ``overlap_param_gather`` the
-        gather is left in flight for the next forward and None is returned; else the handle, for the caller to
-        wait on."""
-        if handle is None or not self.overlap_param_gather:
-            return handle
-        self.param_gathers[id(bucket)] = handle
-        if not self._pre_forward_hooked:  # one process-wide module pre-hook per engine, removed with it
-            ref = weakref.ref(self)
-            self._hooks.append(torch.nn.modules.module.register_module_forward_pre_hook(
-                lambda module, args, ref=ref: _pre_forward(ref, module)))
-            self._pre_forward_hooked = True
-        return None
-
-    def wait_params(self, module: torch.nn.Module | None = None) -> None:
-        """Wait for the deferred all-gathers: of the buckets holding ``module``'s own params, or all."""
-        gathers = self.param_gathers
-        if not gathers:
-            return
-        if module is None:
-            while gathers:
-                gathers.pop(next(iter(gathers))).wait()
-            return
-        for p in module._parameters.values():
-            hit = self.where.get(p) if p is not None else None
-            if hit is not None:
-                h = gathers.pop(id(hit[0]), None)
-                if h is not None:
-                    h.wait()
+        self.gathers.remove_hook()
 
     def error(self, exc_type: type, msg: str) -> None:
         if (exc_type, msg) not in self.errors:
@@ -278,11 +244,11 @@ class GradEngine:
 
     def _apply_next(self) -> None:
         agreement = self._agree_q.popleft()
-        if agreement is not None and id(agreement[0]) in self.param_gathers:  # last step's gather lands first
-            self.param_gathers.pop(id(agreement[0])).wait()
+        if agreement is not None:
+            self.gathers.wait(agreement[0])  # last step's gather of this bucket lands before its update
         handle = self.apply_fn(agreement)
         if handle is not None:
-            handle = self.gathered(agreement[0], handle)
+            handle = self.gathers.keep(agreement[0], handle)
         if handle is not None:
             self._ag_inflight.append(handle)
         while self._ag_inflight and (len(self._ag_inflight) > self.max_inflight or self._ag_inflight[0].done()):
@@ -379,12 +345,10 @@ class GradEngine:
         if self._reduced:
             return
         for bucket in self.buckets:
-            h = self.param_gathers.get(id(bucket))
-            if h is not None:
+            if bucket in self.gathers:
                 if bucket.applied:  # updated in backward (fused): its gather is left for the next forward
                     continue
-                del self.param_gathers[id(bucket)]
-                h.wait()  # the update reads the params (and a replaced p.data is looked for below)
+                self.gathers.wait(bucket)  # the update reads the params (and a replaced p.data is looked for below)
             dev = bucket.params[0].device
             if dev != bucket.device:
                 bucket.to_device(dev)
@@ -511,12 +475,6 @@ def _inside_nested_backward() -> bool:
             return True
         f = f.f_back
     return False
-
-
-def _pre_forward(ref: weakref.ref, module: torch.nn.Module) -> None:
-    engine = ref()
-    if engine is not None and engine.param_gathers:
-        engine.wait_params(module)
 
 
 def _hook(ref: weakref.ref, p: Tensor) -> None:

@@ -198,7 +198,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
                              "themselves; without views it would hold a full-size output buffer until the forward)")
         self.comm = Comm(process_group)
         self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
-        self.engine.overlap_param_gather = overlap_param_gather
+        self.engine.gathers.on = overlap_param_gather
         self.max_grad_norm = max_grad_norm  # (a property: with step_in_backward it picks fused vs exact clipping)
         self.grad_norm_tensor = torch.zeros((), dtype=torch.float32)  # grad_norm as a 0-d tensor, updated in place
         self.engine.release_check = _weak(self, "_check_plain", gone=True)  # no optimizer: leave param.grad alone
@@ -293,14 +293,6 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
                                          self.reduce_dtype, in_backward=self.step_in_backward)
         return buckets, [gi, len(group["params"]), *entries]
 
-    def _bind_params(self, buckets: list[Bucket]) -> None:
-        """Params as views of their buckets' flat buffers (``param_views``; several ranks: the all-gather then
-        writes them in place). One process gathers nothing: its params stay as they are."""
-        if self.param_views:
-            for bucket in buckets:
-                if bucket.comm.world_size > 1 and not bucket.direct:
-                    bucket.bind_params()
-
     def _check_same_layout(self, signature: list) -> None:
         """Every rank must build the same buckets, or collectives would pair up different data."""
         if self.comm.world_size == 1:
@@ -332,16 +324,10 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         super().zero_grad(set_to_none=set_to_none)
         self.engine.clear()
 
-    @property
-    def overlap_param_gather(self) -> bool:
-        """The updated params' all-gather is left in flight after ``step()`` and waited by the next forward."""
-        return self.engine.overlap_param_gather
-
     def wait_params(self) -> None:
-        """Wait until every param holds its updated value. Only needed with ``overlap_param_gather=True``, before
-        reading params outside a module's forward (``model.state_dict()``, an EMA copy, ``p.detach()``); the
-        next forward, ``step()``, ``state_dict()`` and :mod:`zeroadamw.checkpoint` wait by themselves."""
-        self.engine.wait_params()
+        """Wait until every param holds its updated value: with ``overlap_param_gather=True``, before reading
+        params outside a module's forward (``model.state_dict()``, an EMA copy, ``p.detach()``)."""
+        self.engine.gathers.wait_all()
 
     def comm_counters(self) -> dict[str, dict[str, int]]:
         """Collective calls and bytes sent by this rank since the last :meth:`reset_comm_counters`."""
@@ -443,7 +429,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             if bucket.applied or not any(here):
                 continue
             self._update_bucket(bucket, here, grad_scale)
-            handle = self.engine.gathered(bucket, bucket.gather_params([i for i in range(n) if here[i]]))
+            handle = self.engine.gathers.keep(bucket, bucket.gather_params([i for i in range(n) if here[i]]))
             if handle is None:  # one process, or left in flight for the next forward (overlap_param_gather)
                 continue
             if pending is not None:

@@ -78,6 +78,14 @@ class StateMixin:
         self._resume_checked = True
 
     # ------------------------------------------------------------------------------------------------ moving
+    def _bind_params(self, buckets: list[Bucket]) -> None:
+        """Params as views of their buckets' flat buffers (``param_views``; several ranks: the all-gather then
+        writes them in place). One process gathers nothing: its params stay as they are."""
+        if self.param_views:
+            for bucket in buckets:
+                if bucket.comm.world_size > 1 and not bucket.direct:
+                    bucket.bind_params()
+
     def _relocate_if_needed(self) -> None:
         """The model moved after the optimizer was built: buckets, state and control tensors follow it (the
         engine does the same when a moved gradient arrives first; either way :meth:`_on_bucket_moved` runs)."""
