@@ -30,5 +30,5 @@ def test_p2p_on_a_subgroup_interleaved_with_the_world_group():
 
 
 def test_too_small_scratch_is_refused():
-    msgs = run(comm_workers.scratch_is_checked, 2)
+    msgs = run(comm_workers.scratch_is_checked, 3)  # N = 3: one chunk of scratch (N = 2 needs none)
     assert all(m and "scratch must hold 8" in m for m in msgs)

@@ -53,3 +53,20 @@ def test_buffer_pool_reuses_the_smallest_fit_and_ignores_foreign_tensors():
     assert sum(len(v) for v in pool.free.values()) == 1
     pool.clear()
     assert pool.bytes == 600 and not any(pool.free.values())  # the free 10-element buffer dropped; the ones in use stay counted
+
+
+def test_one_process_leaves_params_alone_and_options_are_checked():
+    from zeroadamw import ShardedAdamW
+
+    model = torch.nn.Linear(4, 3)
+    before = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    opt = ShardedAdamW(model.parameters())
+    assert all(b.flat is None for b in opt.engine.buckets)  # nothing to gather: params stay the user's tensors
+    assert [p.untyped_storage().data_ptr() for p in model.parameters()] == before
+    opt.wait_params()  # nothing in flight: a no-op
+    with pytest.raises(ValueError, match="needs param_views=True"):
+        ShardedAdamW(model.parameters(), overlap_param_gather=True, param_views=False)
+    with pytest.raises(TypeError, match="param_views must be True or False"):
+        ShardedAdamW(model.parameters(), param_views=1)
+    with pytest.raises(TypeError, match="overlap_param_gather must be True or False"):
+        ShardedAdamW(model.parameters(), overlap_param_gather="yes")

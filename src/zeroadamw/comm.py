@@ -18,15 +18,15 @@ of the gradients moves: 2 (N-1)/N x gradient bytes.
 gloo (CPU tensors): gloo's own ``reduce_scatter`` is unpipelined for 32/64-bit floats (3-5x slower than its
 ``all_reduce`` on CPU) and its ``all_gather_into_tensor`` is slower than its ``all_reduce`` of the same bytes. So on
 CPU tensors both run as **pairwise point-to-point exchanges** (``isend`` / ``irecv``): for the reduce-scatter every
-rank sends chunk ``j`` of its input to rank ``j`` and sums the ``N - 1`` chunks it receives for its own, in rank
-order; for the all-gather every rank sends its shard to every other rank and receives theirs straight into the
-output (in place when the input is the output's own slice). Each rank sends exactly the ring algorithms' bytes
-((N-1)/N x the input or output), so the counters stay true, and every message is posted when the collective
-starts: nothing waits for the host to make progress, whatever the other ranks are doing (measured on 2 cores,
-32 MiB fp32, N = 2: 32 ms vs 45 ms for the all-reduce and 89 ms for gloo's reduce-scatter; N = 4: 68 vs 129 and
-192 ms). A reduce-scatter needs ``N - 1`` chunks of scratch (pass ``scratch``: the engine reuses one per buffer in
-flight). Message tags come from a counter per process group that every rank advances in the same order (the
-order of collectives, which ranks share anyway).
+rank sends chunk ``j`` of its input to rank ``j`` and sums the ``N - 1`` chunks it receives for its own (in a
+fixed order); for the all-gather every rank sends its shard to every other rank and receives theirs straight into
+the output (in place when the input is the output's own slice). Each rank sends exactly the ring algorithms'
+bytes ((N-1)/N x the input or output), so the counters stay true, and every message is posted when the
+collective starts: nothing waits for the host to make progress, whatever the other ranks are doing (measured on
+2 cores, 32 MiB fp32, N = 2: 32 ms vs 45 ms for the all-reduce and 89 ms for gloo's reduce-scatter; N = 4: 68 vs
+129 and 192 ms). A reduce-scatter receives one peer's chunk into its output and ``N - 2`` into scratch (none at
+N = 2; pass ``scratch``: the engine reuses pooled ones). Message tags come from a counter per process group
+that every rank advances in the same order (the order of collectives, which ranks share anyway).
 
 ``ZEROADAMW_GLOO_REDUCE_SCATTER=native`` uses gloo's reduce-scatter, ``=allreduce`` an all-reduce + slice
 (counted as the all-reduce it is); ``ZEROADAMW_GLOO_ALL_GATHER=native`` gloo's all-gather. NCCL always uses its
@@ -179,13 +179,14 @@ class Comm:
         n = self.world_size
         if n == 1 or self._rs_via_allreduce(inp) or not self._p2p(inp, self._rs_mode):
             return 0
-        return (n - 1) * (inp.numel() // n)
+        return (n - 2) * (inp.numel() // n)  # one peer's chunk lands in ``out`` itself
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, async_op: bool = True,
                        scratch: torch.Tensor | None = None) -> Handle:
         """Sum ``inp`` (``N * out.numel()`` elements) over the ranks; this rank's slice lands in ``out``. ``inp``
-        is used as a work buffer. ``scratch`` (``(N - 1) * out.numel()`` elements of ``inp``'s dtype) is where the
-        point-to-point path receives; allocated when not given."""
+        is used as a work buffer. ``scratch`` (``(N - 2) * out.numel()`` elements of ``inp``'s dtype: none at N = 2)
+        is where the point-to-point path receives all but one peer's chunk (that one lands in ``out``); allocated
+        when not given."""
         n = self.world_size
         if n == 1:
             out.copy_(inp)
@@ -207,25 +208,25 @@ class Comm:
 
     def _p2p_reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor, scratch: torch.Tensor | None) -> Handle:
         n, me, c = self.world_size, self.rank, out.numel()
+        need = (n - 2) * c
         if scratch is None:
-            scratch = torch.empty((n - 1) * c, dtype=inp.dtype, device=inp.device)
-        elif scratch.numel() < (n - 1) * c or scratch.dtype != inp.dtype:
-            raise ValueError(f"reduce_scatter scratch must hold {(n - 1) * c} {inp.dtype} elements, got "
+            scratch = torch.empty(need, dtype=inp.dtype, device=inp.device)
+        elif scratch.numel() < need or scratch.dtype != inp.dtype:
+            raise ValueError(f"reduce_scatter scratch must hold {need} {inp.dtype} elements, got "
                              f"{scratch.numel()} {scratch.dtype}")
         tag = self._tag()
         works, recv = [], {}
         for k in range(1, n):  # send to me+k, receive from me-k: every pair's two messages are posted together
             dst, src = (me + k) % n, (me - k) % n
             works.append(dist.isend(inp[dst * c : (dst + 1) * c], self._peer(dst), group=self.group, tag=tag))
-            recv[src] = scratch[(k - 1) * c : k * c]
+            recv[src] = out if k == 1 else scratch[(k - 2) * c : (k - 1) * c]
             works.append(dist.irecv(recv[src], self._peer(src), group=self.group, tag=tag))
 
-        def total() -> None:  # in rank order, own chunk included: the same sum whatever the rank
-            own = inp[me * c : (me + 1) * c]
-            parts = [own if r == me else recv[r] for r in range(n)]
-            torch.add(parts[0], parts[1], out=out)
-            for t in parts[2:]:
-                out.add_(t)
+        def total() -> None:  # out holds rank me-1's chunk; add the others in rank order from there
+            out.add_(inp[me * c : (me + 1) * c])
+            for r in sorted(recv, key=lambda r: (r - me) % n):
+                if recv[r] is not out:
+                    out.add_(recv[r])
 
         return Handle(_Works(works), total)
 

@@ -54,6 +54,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from .layout import plan_buckets
+from .options import auto_bucket_size
 from .sharded_adamw import DEFAULT_BUCKET_SIZE
 
 __all__ = [
@@ -377,7 +378,7 @@ def _sharded_grads(b: _Buckets, n: int, p: int, psi: int) -> int:
     return p * psi if n == 1 else ACC_BYTES * b.owned(n) + b.in_flight(n, p)
 
 
-def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_size: int = DEFAULT_BUCKET_SIZE,
+def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_size: int | None = None,
              lora_rank: int = 8, lora_targets=DEFAULT_LORA_TARGETS, methods=None) -> list[Estimate]:
     """Per-rank bytes for each of ``methods`` (default: all of :data:`METHODS`; LoRA is left out for a bare
     parameter count, which has no layer shapes)."""
@@ -385,6 +386,9 @@ def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_si
         raise ValueError(f"world size must be an int >= 1 (the number of data-parallel ranks), got {world_size!r}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    explicit_bucket = bucket_size is not None
+    if bucket_size is None:  # ShardedAdamW's default: from the model's size
+        bucket_size = auto_bucket_size(spec.numel)
     if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 1:
         raise ValueError(f"bucket size must be a positive number of elements, got {bucket_size!r}")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
@@ -471,7 +475,7 @@ def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_si
                 notes.append(ddp_note if n > 1 else "one process: no DDP")
                 e = Estimate(m, label, params, p * psi_a * (2 if n > 1 else 1), torch_state * psi_a, 0, psi_a, notes)
             else:
-                ba = _Buckets(a_sizes, bucket_size)
+                ba = _Buckets(a_sizes, bucket_size if explicit_bucket else auto_bucket_size(psi_a))
                 Sa = ba.owned(n)
                 e = Estimate(m, label, params, _sharded_grads(ba, n, p, psi_a), 8 * Sa, 4 * Sa if mixed else 0,
                              psi_a, notes)
@@ -517,8 +521,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
                         help="param dtype; bf16 = mixed precision with fp32 master for DeepSpeed/zeroadamw (default)")
     parser.add_argument("--json", action="store_true", help="print one JSON record per method instead of a table")
-    parser.add_argument("--bucket-size", type=int, default=DEFAULT_BUCKET_SIZE,
-                        help=f"ShardedAdamW bucket_size in elements (default {DEFAULT_BUCKET_SIZE})")
+    parser.add_argument("--bucket-size", type=int, default=None,
+                        help="ShardedAdamW bucket_size in elements (default: ShardedAdamW's, about 1/32 of the "
+                             f"trainable elements between 2**20 and {DEFAULT_BUCKET_SIZE})")
     parser.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r (default 8, PEFT's default)")
     parser.add_argument("--lora-targets", default=",".join(DEFAULT_LORA_TARGETS),
                         help="comma-separated module names LoRA adapts (default: the attention projections)")
@@ -539,10 +544,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"zeroadamw estimate: error: {e}", file=sys.stderr)
         return 2
+    bucket = args.bucket_size if args.bucket_size is not None else auto_bucket_size(spec.numel)
     if args.json:
         common = {"model": spec.name, "total_params": spec.numel, "world_size": args.world_size, "dtype": args.dtype,
-                  "bucket_size": args.bucket_size}
+                  "bucket_size": bucket}
         print(json.dumps([dict(common, **e.record()) for e in ests], indent=1))
     else:
-        print(format_table(spec, ests, args.world_size, args.dtype, args.bucket_size))
+        print(format_table(spec, ests, args.world_size, args.dtype, bucket))
     return 0

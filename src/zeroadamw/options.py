@@ -20,7 +20,39 @@ from . import functional as F
 __all__ = ["DEFAULT_BUCKET_SIZE", "lr_max", "validate_hyper", "validate_options", "validate_max_grad_norm",
            "check_impl", "check_params", "completed_groups", "steps_as_tensors"]
 
-DEFAULT_BUCKET_SIZE = 2**23
+DEFAULT_BUCKET_SIZE = 2**23  # the largest bucket the default (bucket_size=None) picks
+MIN_AUTO_BUCKET_SIZE = 2**20
+AUTO_BUCKETS = 32  # bucket_size=None: about this many buckets per model (within the two bounds)
+
+
+def auto_bucket_size(trainable_numel: int) -> int:
+    """The default bucket size for ``trainable_numel`` trainable elements: about 1/32 of them, between 2**20 and
+    :data:`DEFAULT_BUCKET_SIZE` (2**23). The buckets in flight during backward (about four) then hold about 1/8
+    of the gradients of a small model instead of most of them, and large models get DDP-sized buckets."""
+    return min(DEFAULT_BUCKET_SIZE, max(MIN_AUTO_BUCKET_SIZE, trainable_numel // AUTO_BUCKETS))
+
+
+def materialise_params(params: Any) -> Any:
+    """``params`` as a list (and each group's ``params`` too), so it can be counted before torch reads it. A
+    tensor is returned as it is (torch.optim.Optimizer raises its own TypeError for it)."""
+    if isinstance(params, torch.Tensor):
+        return params
+    out = []
+    for item in params:
+        if isinstance(item, dict) and not isinstance(item.get("params"), (torch.Tensor, type(None))):
+            item = dict(item, params=list(item["params"]))
+        out.append(item)
+    return out
+
+
+def trainable_numel(params: Any) -> int:
+    """Trainable elements in a list of tensors or param-group dicts (materialised lists)."""
+    total = 0
+    for item in [] if isinstance(params, torch.Tensor) else params:
+        ts = item.get("params", []) if isinstance(item, dict) else [item]
+        ts = [ts] if isinstance(ts, torch.Tensor) else ts
+        total += sum(t.numel() for t in ts if isinstance(t, torch.Tensor) and t.requires_grad)
+    return total
 """Elements per communication bucket: 8.4M (16 MiB of bf16 gradients, 32 MiB of fp32). Large enough for
 collectives to reach full bandwidth (DDP's default is 25 MB), small enough that several buckets overlap with
 backward and that the transient full-size buffers (at most three buckets) stay small. Raise it for very large
@@ -81,12 +113,15 @@ def _check_dtype(name: str, dtype: Any) -> None:
 
 
 def validate_options(*, stage: Any, bucket_size: Any, master_dtype: Any, reduce_dtype: Any, grads_reduced: bool,
-                     impl: str, step_in_backward: bool) -> None:
+                     impl: str, step_in_backward: bool, param_views: Any = True,
+                     overlap_param_gather: Any = False) -> None:
     """The constructor's non-hyperparameter options of ShardedAdamW, and how they combine."""
     if stage not in (1, 2) or isinstance(stage, bool):
         raise ValueError(f"stage must be 1 (shard optimizer state) or 2 (also shard gradients), got {stage!r}")
-    if not isinstance(bucket_size, int) or isinstance(bucket_size, bool) or bucket_size < 1:
-        raise ValueError(f"bucket_size must be a positive int (elements per bucket), got {bucket_size!r}")
+    if bucket_size is not None and (not isinstance(bucket_size, int) or isinstance(bucket_size, bool)
+                                    or bucket_size < 1):
+        raise ValueError(f"bucket_size must be a positive int (elements per bucket) or None (automatic), got "
+                         f"{bucket_size!r}")
     _check_dtype("master_dtype", master_dtype)
     _check_dtype("reduce_dtype", reduce_dtype)
     if grads_reduced and stage != 1:
@@ -101,6 +136,12 @@ def validate_options(*, stage: Any, bucket_size: Any, master_dtype: Any, reduce_
         raise ValueError(
             "step_in_backward reduces gradients itself in backward hooks; don't wrap the model in DDP "
             "(grads_reduced=True is for DDP + stage 1)")
+    for name, v in (("param_views", param_views), ("overlap_param_gather", overlap_param_gather)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False, got {v!r}")
+    if overlap_param_gather and not param_views:
+        raise ValueError("overlap_param_gather=True needs param_views=True (the all-gather lands in the params "
+                         "themselves; without views it would hold a full-size output buffer until the forward)")
 
 
 def check_impl(impl: Any) -> None:

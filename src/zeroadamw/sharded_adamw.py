@@ -52,7 +52,8 @@ from .consolidation import ConsolidationMixin
 from .control import Control
 from .engine import GradEngine
 from .in_backward import InBackwardMixin, engine_callbacks
-from .options import DEFAULT_BUCKET_SIZE, check_params, lr_max, validate_hyper, validate_max_grad_norm, validate_options
+from .options import (DEFAULT_BUCKET_SIZE, auto_bucket_size, check_params, lr_max, materialise_params, trainable_numel,
+                      validate_hyper, validate_max_grad_norm, validate_options)
 from .plain import PlainModeMixin
 from .rules import get_rule
 from .schedules import WdSchedule, WdScheduleMixin
@@ -96,7 +97,8 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             backward. Both all-gather the updated params after the step.
         process_group: the data-parallel group; ``None`` = the default group, or a single process when
             ``torch.distributed`` is not initialised.
-        bucket_size: elements per communication bucket (default :data:`DEFAULT_BUCKET_SIZE`).
+        bucket_size: elements per communication bucket; ``None`` (default) picks about 1/32 of the trainable
+            elements, between 2**20 and :data:`DEFAULT_BUCKET_SIZE` (2**23): ``options.auto_bucket_size``.
         master_dtype: dtype of the sharded master weights kept for bf16/fp16 params (default fp32); ``None``
             updates low-precision params in their own dtype (state in that dtype too).
         max_grad_norm: clip the global L2 norm of the averaged gradients to this value (over all shards);
@@ -122,6 +124,12 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             ``None`` (default) = none. A group dict may set its own ``wd_schedule`` / ``wd_schedule_steps``.
             The group's ``weight_decay`` is then :math:`\lambda\,m(t)`; see :mod:`zeroadamw.schedules`.
         wd_schedule_steps: ``T`` of the named schedules.
+        param_views: at N > 1, make the params views of their buckets' flat buffers, so that the all-gather
+            writes them in place (no output buffer, no copy). ``p.data = t`` and ``model.to(device)`` later are
+            followed (bound again); ``torch.save`` of one param then writes its whole bucket (clone it first).
+        overlap_param_gather: leave the all-gather in flight after ``step()``; each module's forward waits for
+            its own params (:mod:`zeroadamw.gathers`). Read params outside a forward only after
+            :meth:`wait_params`. Off by default.
 
     After ``step()``: :attr:`grad_norm` (float, before clipping; after loss-scale unscaling),
     :attr:`group_grad_norms` (the same, per param group) and :attr:`last_step_skipped` (``True`` when a non-finite gradient anywhere skipped the step on every rank).
@@ -156,7 +164,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         decay: str = "decoupled",
         stage: int = 2,
         process_group=None,
-        bucket_size: int = DEFAULT_BUCKET_SIZE,
+        bucket_size: int | None = None,
         master_dtype: torch.dtype | None = torch.float32,
         max_grad_norm: float | None = None,
         grads_reduced: bool = False,
@@ -180,22 +188,17 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
                                                     decay_rate=decay_rate)))
         validate_hyper(defaults)
         validate_options(stage=stage, bucket_size=bucket_size, master_dtype=master_dtype, reduce_dtype=reduce_dtype,
-                         grads_reduced=grads_reduced, impl=impl, step_in_backward=step_in_backward)
+                         grads_reduced=grads_reduced, impl=impl, step_in_backward=step_in_backward,
+                         param_views=param_views, overlap_param_gather=overlap_param_gather)
         self.stage = stage
-        self.bucket_size = bucket_size
+        params = materialise_params(params)
+        self.bucket_size = auto_bucket_size(trainable_numel(params)) if bucket_size is None else bucket_size
         self.master_dtype = master_dtype
         self.reduce_dtype = reduce_dtype
         self.impl = impl
         self.rule = rule
         self.step_in_backward = bool(step_in_backward)
-        if not isinstance(param_views, bool):
-            raise TypeError(f"param_views must be True or False, got {param_views!r}")
         self.param_views = param_views
-        if not isinstance(overlap_param_gather, bool):
-            raise TypeError(f"overlap_param_gather must be True or False, got {overlap_param_gather!r}")
-        if overlap_param_gather and not param_views:
-            raise ValueError("overlap_param_gather=True needs param_views=True (the all-gather lands in the params "
-                             "themselves; without views it would hold a full-size output buffer until the forward)")
         self.comm = Comm(process_group)
         self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
         self.engine.gathers.on = overlap_param_gather
