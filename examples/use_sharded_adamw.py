@@ -41,7 +41,7 @@ opt = ShardedAdamW(
     decay="decoupled",           # == torch.optim.AdamW; or "independent", "l2" (below)
     stage=2,                     # 1: shard optimizer state; 2: also shard gradients (reduce-scattered during backward)
     process_group=None,          # default group; no torch.distributed (or world size 1) = plain AdamW
-    bucket_size=2**23,           # elements per communication bucket
+    bucket_size=None,            # elements per bucket; None = about 1/32 of the model, 2**20..2**23
     master_dtype=torch.float32,  # fp32 master shard for bf16/fp16 params; None = update in the param dtype
     max_grad_norm=1.0,           # global-norm clipping over all shards; None = off
 )
