@@ -294,10 +294,17 @@ def worker(args) -> None:
 
     # ---- optimizer-state bytes per rank --------------------------------------------------------------------
     breakdown = {}
-    n_buckets = None
+    n_buckets = buffers = None
     if isinstance(opt, ShardedAdamW):
         breakdown["zeroadamw_state_bytes"] = opt.state_bytes()
         n_buckets = len(opt.engine.buckets)
+        pool = opt.engine.pool  # every buffer the optimizer holds besides its state, by kind (bytes, count)
+        buffers = {k: {"bytes": sum(t.numel() * t.element_size() for t in pool.held(k)),
+                       "count": len(pool.held(k)), "peak_in_use": pool.peak_in_use.get(k, 0)}
+                   for k in ("full", "scratch", "shard")}
+        buffers["param_flat_padding_bytes"] = sum(b.layout.padding * b.flat.element_size()
+                                                  for b in opt.engine.buckets if b.flat is not None)
+        buffers["bucket_size"] = opt.bucket_size
     elif mode == "zero_redundancy":
         breakdown["local_adamw_state"] = _tensor_bytes(_state_tensors(opt.optim.state))
     elif mode.startswith("ds_"):
@@ -379,7 +386,7 @@ def worker(args) -> None:
         "device": device.type, "backend": backend if world > 1 or mode.startswith(("ds_", "zero_red")) else None,
         "dtype": args.dtype, "params": n_params, "grad_bytes": grad_bytes,
         "adamw_state_bytes": n_params * 8,  # torch AdamW, fp32 moments
-        "state_bytes": state_bytes, "state_breakdown": breakdown, "n_buckets": n_buckets,
+        "state_bytes": state_bytes, "state_breakdown": breakdown, "n_buckets": n_buckets, "buffers": buffers,
         "baseline_bytes": baseline, "construction_growth_bytes": built, "lazy_import_bytes": lazy_import_bytes, "peak_bytes": peak, "peak_growth_bytes": peak - baseline,
         "steady_peak_growth_bytes": (last_peak - baseline) if args.steps > 1 else None,
         "step_ms_median": statistics.median(times[1:] if len(times) > 1 else times) * 1e3,

@@ -19,6 +19,10 @@ def test_params_as_views_match_the_copy_out_path(world_size, dtype):
     assert all("float64" in m for m in msgs), msgs
 
 
+def test_fused_step_in_backward_rebinds_and_bumps_versions():
+    assert all(run(views_workers.sib_rebind_and_versions, 2))
+
+
 @pytest.mark.parametrize("world_size,sib", [(2, False), (3, True)])
 def test_deferred_all_gather_is_waited_by_the_next_forward(world_size, sib):
     run(views_workers.deferred_gather, world_size, sib)

@@ -82,6 +82,28 @@ def views_crossings(rank, world_size, dtype_name):
     return msg
 
 
+def sib_rebind_and_versions(rank, world_size):
+    """Fused step in backward updates during backward: a p.data replaced before it is bound again there (not only
+    at step()); and the in-place all-gather bumps every param's version on every rank, as a copy would."""
+    base = tiny_llama()
+    ma, mb = clone_model(base), clone_model(base)
+    kw = dict(lr=1e-2, weight_decay=0.1, bucket_size=1500, step_in_backward=True)
+    oa = ShardedAdamW(ma.parameters(), **kw)
+    ob = ShardedAdamW(mb.parameters(), param_views=False, **kw)
+    assert _train(ma, oa, rank, 2) == _train(mb, ob, rank, 2)
+    for m in (ma, mb):
+        for p in m.parameters():
+            p.data = p.detach() * 0.5
+    versions = [p._version for p in ma.parameters() if p.requires_grad]
+    assert _train(ma, oa, rank, 2, start=2) == _train(mb, ob, rank, 2, start=2)
+    _same_params(ma, mb, "fused step in backward after p.data = ...")
+    _bound(oa)
+    assert_ranks_identical(list(ma.parameters()))
+    after = [p._version for p in ma.parameters() if p.requires_grad]
+    assert all(b > a for a, b in zip(versions, after)), (versions, after)
+    return True
+
+
 def deferred_gather(rank, world_size, sib):
     """overlap_param_gather: the all-gathers stay in flight after step() and the next forward waits per module
     -- losses and params bit-identical to waiting in step(); wait_params() and state_dict() wait too."""

@@ -357,7 +357,7 @@ class Bucket:
                     f"a parameter's dtype changed from {self.dtype} to {p.dtype} after the optimizer was built "
                     "(model.to(dtype) / .half()?); convert the model first, then build the optimizer")
         if any(p.device != self.device for p in self.params):
-            return None  # a device move: to_device binds on the new device
+            return None  # a device move: to_device binds on the new device (reduce() moves it first)
         self.bind_params()
         return None
 
@@ -371,6 +371,9 @@ class Bucket:
                     self.owned_param_view(i).copy_(self.shard_view(self.master, i))
             return None
         if self.flat is not None:  # params are views of self.flat: gather in place
+            problem = self.rebind_if_replaced()  # p.data replaced since the last step (the update wrote the new one)
+            if problem is not None and self.tracker is not None:
+                self.tracker.error(*problem)
             lo, hi = self.layout.owner_range(self.layout.rank)
             mine = self.flat[lo:hi]
             if self.master is not None:  # only the params updated this step (a stale master is never written)
@@ -378,7 +381,11 @@ class Bucket:
                 if own:
                     torch._foreach_copy_([self.shard_view(mine, i) for i in own],
                                          [self.shard_view(self.master, i) for i in own])
-            return self.comm.all_gather(self.flat, mine, async_op=True)
+            params = self.params
+            # the collective writes behind autograd's back: bump the params' versions as an in-place copy would
+            # (on every rank alike), so a graph that saved them before the step still raises when reused
+            return Handle(self.comm.all_gather(self.flat, mine, async_op=True),
+                          lambda: torch.autograd.graph.increment_version(params))
         if self.master is not None:
             send = self.master.to(self.dtype)
         else:

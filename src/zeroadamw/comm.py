@@ -158,7 +158,7 @@ class Comm:
     def _p2p(self, t: torch.Tensor, mode: str) -> bool:
         """CPU tensors go to gloo (the CPU backend), whose reduce-scatter and all-gather are the slow ones: decided
         by the tensor's device, not by the backend's name."""
-        return mode == "p2p" or (mode == "auto" and t.device.type == "cpu")
+        return mode in ("p2p", "auto") and t.device.type == "cpu"  # NCCL: its own collectives, always
 
     def _peer(self, r: int) -> int:
         if self._peers is None:

@@ -9,8 +9,10 @@ buckets holding that module's *own* parameters -- so the gather of the last laye
 layers' forward (Megatron's ``overlap_param_gather``). Everything else that reads params waits for all first:
 the next ``step()`` (per bucket, before updating it), ``state_dict()`` / ``load_state_dict()``,
 :mod:`zeroadamw.checkpoint`, and ``optimizer.wait_params()``, which a user calls before reading params outside a
-forward (``model.state_dict()``, an EMA update, ``p.detach()``): those cannot be intercepted, which is why the
-option is off by default.
+forward (``model.state_dict()``, an EMA update, ``p.detach()``, a module of one's own that reads a child's weight
+without calling the child): those cannot be intercepted, which is why the option is off by default. torch's own
+modules that read their children's weights directly (``nn.MultiheadAttention``'s ``out_proj``, the Transformer
+layers' fast path) wait for their whole subtree.
 """
 
 from __future__ import annotations
@@ -63,8 +65,10 @@ class DeferredGathers:
             self.pending.pop(next(iter(self.pending))).wait()
 
     def wait_module(self, module: torch.nn.Module) -> None:
-        """Wait for the buckets holding ``module``'s own params."""
-        for p in module._parameters.values():
+        """Wait for the buckets holding ``module``'s own params (all its params, for the torch modules known to
+        read their children's weights without calling them: ``nn.MultiheadAttention``, the Transformer layers)."""
+        params = module.parameters() if isinstance(module, _READS_CHILDREN) else module._parameters.values()
+        for p in params:
             hit = self.where.get(p) if p is not None else None
             if hit is not None:
                 self.wait(hit[0])
@@ -76,6 +80,10 @@ class DeferredGathers:
 
     def __del__(self) -> None:
         self.remove_hook()
+
+
+_READS_CHILDREN = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer,
+                   torch.nn.TransformerEncoder, torch.nn.TransformerDecoder, torch.nn.Transformer)
 
 
 def _pre_forward(ref: weakref.ref, module: torch.nn.Module) -> None:

@@ -39,7 +39,7 @@ def materialise_params(params: Any) -> Any:
         return params
     out = []
     for item in params:
-        if isinstance(item, dict) and not isinstance(item.get("params"), (torch.Tensor, type(None))):
+        if isinstance(item, dict) and not isinstance(item.get("params"), (torch.Tensor, set, type(None))):
             item = dict(item, params=list(item["params"]))
         out.append(item)
     return out

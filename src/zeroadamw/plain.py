@@ -72,8 +72,11 @@ class PlainModeMixin:
         self.engine.remove_hooks()
         self.engine.clear()
         self.state.clear()  # nothing of ours refers to the new tensors; torch-style per-param state from here on
+        self.engine.gathers.wait_all()
         for b in self.engine.buckets:
             b.exp_avg = b.exp_avg_sq = b.master = None
+            b.flat, b._bound = None, []  # DeepSpeed points p.data at its own buffers: ours would be a full copy
+        self.engine.pool.clear()
         self._state_ready = False
         logging.getLogger("zeroadamw").info(
             "ShardedAdamW: param_groups were replaced (DeepSpeed ZeRO partitions itself); acting as a plain AdamW")

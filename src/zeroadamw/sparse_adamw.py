@@ -390,6 +390,7 @@ class SparseAdamW(ShardedAdamW):
     def apply_pending_decay(self) -> None:
         """Give every idle slice the decoupled decay it has missed so far (catch-up now instead of at its next
         update): afterwards the weights equal dense decoupled decay. A collective (re-gathers the params)."""
+        self.wait_params()  # rewrites owned rows a deferred all-gather may still be sending
         if not self.catchup_decay or not self._state_ready:
             return
         with torch.no_grad():

@@ -92,6 +92,7 @@ class StateMixin:
         for bucket in self.engine.buckets:
             dev = bucket.params[0].device
             if dev != bucket.device:
+                self.engine.gathers.wait_all()  # nothing may land in the buffers being left behind
                 bucket.to_device(dev)
 
     def _on_bucket_moved(self, bucket: Bucket) -> None:

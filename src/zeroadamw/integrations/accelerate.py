@@ -20,7 +20,9 @@ What ``prepare`` changes against a plain ``accelerator.prepare``:
 * ``accelerator.clip_grad_norm_(params, max_norm)`` sets the optimizer's exact global-norm clipping and returns
   a 0-d tensor that ``step()`` fills with the pre-clip global norm (log it after ``step()``);
 * GradScaler (fp16) reaches the optimizer's ``grad_scaler=`` argument through Accelerate's step wrapper, so every
-  rank's inf check agrees.
+  rank's inf check agrees;
+* ``accelerator.get_state_dict`` (what ``save_state`` / ``save_model`` save) clones the params that are views of
+  one bucket buffer: Accelerate's safetensors save keeps one tensor per storage and would drop the rest.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def patch_accelerator(accelerator: Any, get_optimizer) -> None:
     original_prepare_model = accelerator.prepare_model
     original_prepare = accelerator.prepare
     original_clip = accelerator.clip_grad_norm_
+    original_get_state_dict = accelerator.get_state_dict
 
     def prepare_model(model, device_placement=None, evaluation_mode=False):
         if find_sharded_optimizer(get_optimizer()) is not None:
@@ -95,9 +98,28 @@ def patch_accelerator(accelerator: Any, get_optimizer) -> None:
                 opt.max_grad_norm = float(max_norm)
         return opt.grad_norm_tensor  # filled by step() with the pre-clip global norm
 
+    def get_state_dict(model, *args, **kwargs):
+        opt = find_sharded_optimizer(get_optimizer())
+        if opt is not None:
+            opt.wait_params()
+        return _own_storage(original_get_state_dict(model, *args, **kwargs), opt)
+
     accelerator.prepare_model = prepare_model
     accelerator.prepare = prepare
     accelerator.clip_grad_norm_ = clip_grad_norm_
+    accelerator.get_state_dict = get_state_dict  # save_state / save_model go through it
+
+
+def _own_storage(state_dict: Any, opt: ShardedAdamW | None) -> Any:
+    """Params that are views of one bucket buffer share a storage; Accelerate's safetensors save keeps one tensor
+    per storage (``clean_state_dict_for_safetensors``) and would drop the others. Clone those entries."""
+    if opt is None or not isinstance(state_dict, dict):
+        return state_dict
+    flats = {b.flat.untyped_storage().data_ptr() for b in opt.engine.buckets if b.flat is not None}
+    if not flats:
+        return state_dict
+    return type(state_dict)((k, v.clone() if isinstance(v, torch.Tensor) and v.device.type != "meta"
+                             and v.untyped_storage().data_ptr() in flats else v) for k, v in state_dict.items())
 
 
 def prepare(accelerator: Any, *objects: Any, **kwargs: Any):

@@ -122,6 +122,12 @@ class ZeroTrainerMixin:
     def _zero_model(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
 
+    def save_model(self, *args: Any, **kwargs: Any):
+        opt = find_sharded_optimizer(getattr(self, "optimizer", None))
+        if opt is not None:
+            opt.wait_params()  # overlap_param_gather: the weights written are the updated ones
+        return super().save_model(*args, **kwargs)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         opt = find_sharded_optimizer(self.optimizer)
         if opt is None:
