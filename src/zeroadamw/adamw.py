@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from .consolidation import complete_loaded_state
-from .options import check_impl, validate_hyper
-from .plain import plain_adamw_step
+from .options import check_impl, validate_hyper, validate_precision
+from .plain import plain_adamw_step, plain_state_template
+from .storage import convert_entry
 from .schedules import WdScheduleMixin, portable_wd_fn
 
 __all__ = ["AdamW"]
@@ -28,7 +29,9 @@ __all__ = ["AdamW"]
 
 class AdamW(WdScheduleMixin, torch.optim.Optimizer):
     """Plain AdamW with ``decay`` in {"decoupled", "independent", "l2"} (see :class:`zeroadamw.ShardedAdamW`), with the same
-    optional ``wd_schedule`` / ``wd_schedule_steps``."""
+    optional ``wd_schedule`` / ``wd_schedule_steps``, ``state_dtype`` (``"fp32"`` / ``"bf16"`` / ``"int8"``
+    moments; ``None``: the param's dtype, as torch) and ``kahan_sum`` (bf16/fp16 params: a compensation buffer,
+    see :mod:`zeroadamw.storage`)."""
 
     def __init__(
         self,
@@ -42,12 +45,16 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
         impl: str = "auto",
         wd_schedule=None,
         wd_schedule_steps: int | None = None,
+        state_dtype: str | None = None,
+        kahan_sum: bool = False,
     ) -> None:
         self._wd_default = (wd_schedule, wd_schedule_steps)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decay=decay)
         validate_hyper(defaults)
         check_impl(impl)
+        validate_precision(state_dtype, kahan_sum, None)
         self.impl = impl
+        self.state_dtype, self.kahan_sum = state_dtype, kahan_sum
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -66,6 +73,7 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # defaults, state, param_groups: what torch.optim copies
         state["impl"] = self.impl
+        state["state_dtype"], state["kahan_sum"] = self.state_dtype, self.kahan_sum
         state["_wd_default"] = (portable_wd_fn(self._wd_default[0]), self._wd_default[1])
         state["_wd_fns"] = [portable_wd_fn(fn) for fn in getattr(self, "_wd_fns", [])]
         if "last_step_hparams" in self.__dict__:
@@ -78,9 +86,32 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
         float steps become tensors, before anything is changed."""
         super().__setstate__(complete_loaded_state(self, state))
         self.__dict__.setdefault("impl", "auto")
+        self.__dict__.setdefault("state_dtype", None)
+        self.__dict__.setdefault("kahan_sum", False)
         self.__dict__.setdefault("_wd_default", (None, None))
         if len(self.__dict__.setdefault("_wd_fns", [])) != len(self.param_groups):
             self._wd_fns = [None] * len(self.param_groups)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict`` (hooks, validation, param-group keys), then every loaded tensor in the
+        storage this optimizer keeps: torch casts state to the param dtype, which would round fp32 moments and
+        int8 scales of bf16 params -- those are re-read from ``state_dict`` and converted instead (int8 codes <->
+        float moments, master <-> Kahan compensation: :func:`zeroadamw.storage.convert_entry`)."""
+        saved = {k: v for k, v in state_dict.get("state", {}).items()} if isinstance(state_dict, dict) else {}
+        super().load_state_dict(state_dict)
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved or not self.state.get(p):
+                continue
+            mine = plain_state_template(p, self.state_dtype, self.kahan_sum)
+            st = convert_entry(p, saved[pid], mine, f"param index {pid}")
+            new = {"step": self.state[p]["step"]}
+            for k, t in mine.items():
+                if not isinstance(st.get(k), Tensor):
+                    raise ValueError(f"param index {pid}: loaded state lacks {k!r}")
+                new[k] = st[k].detach().to(device=p.device, dtype=t.dtype).clone()
+            self.state[p] = new
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -89,6 +120,6 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._record_step_hparams()
-        plain_adamw_step(self.param_groups, self.state, self.impl, "zeroadamw.AdamW")
+        plain_adamw_step(self.param_groups, self.state, self.impl, "zeroadamw.AdamW", self.state_dtype, self.kahan_sum)
         self._advance_wd_schedule()
         return loss

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import quant, storage
 from .comm import Comm, Handle
 from .layout import BucketLayout, plan_buckets
 
@@ -125,17 +126,23 @@ class Bucket:
         acc_dtype: torch.dtype,
         master_dtype: torch.dtype | None,
         unit: int = 1,
+        moments: torch.dtype | str | None = None,
+        kahan: bool = False,
     ) -> None:
         self.params = params
         self.group_index = group_index
         self.comm = comm
-        self.layout = BucketLayout([p.numel() for p in params], comm.world_size, comm.rank, unit=unit)
+        # int8 moments: params start on quantization-block boundaries and shards are cut on them (quant.py)
+        align = quant.BLOCK if moments == "int8" else 1
+        self.layout = BucketLayout([p.numel() for p in params], comm.world_size, comm.rank, unit=unit, align=align)
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.reduce_dtype = reduce_dtype
         self.acc_dtype = acc_dtype
         self.master_dtype = master_dtype  # None: params are updated in their own dtype
-        self.state_dtype = master_dtype or self.dtype
+        # storage of the moments (zeroadamw.storage): a float dtype or "int8"; Kahan compensation instead of a master
+        self.moments = moments if moments is not None else (master_dtype or self.dtype)
+        self.kahan = bool(kahan) and master_dtype is None and self.dtype in (torch.float16, torch.bfloat16)
         # backward-round bookkeeping (stage 2)
         self.tracker = None  # the engine: counts gradient memory as buffers come and go
         self._full: Tensor | None = None  # padded flat gradient buffer, alive until its reduce-scatter is done
@@ -151,9 +158,12 @@ class Bucket:
         self._shard_grad: Tensor | None = None
         self.present = [False] * len(params)  # got a gradient on this rank since the last step
         # optimizer state of the owned shard (flat); optimizer.state[p] holds views into these
-        self.exp_avg: Tensor | None = None
+        self.exp_avg: Tensor | None = None  # float moments, or uint8 codes (int8)
         self.exp_avg_sq: Tensor | None = None
+        self.exp_avg_absmax: Tensor | None = None  # int8: one fp32 scale per 256-element block
+        self.exp_avg_sq_absmax: Tensor | None = None
         self.master: Tensor | None = None
+        self.kahan_comp: Tensor | None = None  # Kahan: what the low-precision weights could not hold
         self.on_moved = None  # optimizer callback(bucket) after to_device: re-bind optimizer.state views
         self.pool: BufferPool | None = None  # set by the engine: where gradient buffers come from and go back
         self.scratch: Tensor | None = None  # the reduce-scatter's receive buffer (gloo point-to-point)
@@ -207,8 +217,11 @@ class Bucket:
         full = self._take(self.layout.padded, self.reduce_dtype, "full")
         if zero:
             full.zero_()
-        elif self.layout.padding:
+            return full
+        if self.layout.padding:
             full[self.layout.numel :].zero_()
+        for lo, hi in self.layout.gaps:  # block-aligned params: the padding between them is reduced too
+            full[lo:hi].zero_()
         return full
 
     def land(self, i: int, grad: Tensor) -> None:
@@ -256,12 +269,17 @@ class Bucket:
         full, scratch = self.full, self.scratch
         self.full = self.scratch = self.handle = self.rs_out = None
         self._give(full, scratch)
-        if out.dtype != self.acc_dtype:  # e.g. bf16 reduced, fp32 accumulated
+        average = self.reduce_dtype != torch.float16  # fp16 was averaged before summing (launch)
+        if out.dtype != self.acc_dtype:  # e.g. bf16 reduced, fp32 accumulated: average in the wider of the two
+            narrowing = torch.finfo(self.acc_dtype).eps > torch.finfo(out.dtype).eps
+            if average and narrowing:
+                out.div_(self.comm.world_size)
             o = self._take(self.layout.shard, self.acc_dtype, "shard").copy_(out)
             self._give(out)
+            average = average and not narrowing
         else:
             o = out
-        if self.reduce_dtype != torch.float16:  # fp16 was averaged before summing (launch)
+        if average:
             o.div_(self.comm.world_size)
         if self.shard_grad is None:
             self.shard_grad = o  # a pooled buffer: back to the pool at release_grads
@@ -300,15 +318,27 @@ class Bucket:
         self.reset_round()
 
     # ------------------------------------------------------------------------------------------------- state
+    STATE_NAMES = ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax", "master", "kahan_comp")
+
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.exp_avg, self.exp_avg_sq, self.master) if t is not None)
+        """Every byte of this bucket's flat state: moments (codes and scales), master, compensation."""
+        return sum(_nbytes(getattr(self, k)) for k in self.STATE_NAMES)
 
     def init_state(self, moments: bool = True) -> None:
-        """Allocate the owned shard's flat state: Adam moments (``moments``) and the master copy (low precision)."""
+        """Allocate the owned shard's flat state: Adam moments (``moments``, stored as :attr:`moments` says), the
+        master copy (low precision) or the Kahan compensation."""
         S = self.layout.shard
-        if moments:
-            self.exp_avg = torch.zeros(S, dtype=self.state_dtype, device=self.device)
-            self.exp_avg_sq = torch.zeros(S, dtype=self.state_dtype, device=self.device)
+        kw = dict(device=self.device)
+        if moments and self.moments == "int8":
+            self.exp_avg = torch.full((S,), quant.zero_code(True), dtype=torch.uint8, **kw)
+            self.exp_avg_sq = torch.full((S,), quant.zero_code(False), dtype=torch.uint8, **kw)
+            self.exp_avg_absmax = torch.zeros(S // quant.BLOCK, dtype=torch.float32, **kw)
+            self.exp_avg_sq_absmax = torch.zeros(S // quant.BLOCK, dtype=torch.float32, **kw)
+        elif moments:
+            self.exp_avg = torch.zeros(S, dtype=self.moments, **kw)
+            self.exp_avg_sq = torch.zeros(S, dtype=self.moments, **kw)
+        if self.kahan:
+            self.kahan_comp = torch.zeros(S, dtype=self.dtype, **kw)
         if self.master_dtype is not None:
             self.master = torch.zeros(S, dtype=self.master_dtype, device=self.device)
             for i, s in enumerate(self.layout.slots):
@@ -321,7 +351,7 @@ class Bucket:
         if device == self.device:
             return
         self.device = device
-        for name in ("exp_avg", "exp_avg_sq", "master", "shard_grad", "full", "rs_out", "scratch"):
+        for name in (*self.STATE_NAMES, "shard_grad", "full", "rs_out", "scratch"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
@@ -499,20 +529,25 @@ def trainable(params: list[Tensor]) -> list[Tensor]:
 
 def dense_buckets(params: list[Tensor], group_index: int, comm: Comm, bucket_size: int,
                   master_dtype: torch.dtype | None, reduce_dtype: torch.dtype | None,
-                  in_backward: bool = False) -> tuple[list[Bucket], list]:
+                  in_backward: bool = False, state_dtype: str | None = None,
+                  kahan: bool = False) -> tuple[list[Bucket], list]:
     """Pack the trainable params of one param group into buckets of about ``bucket_size`` elements, one dtype per
     bucket, in reverse registration order (about the order backward produces gradients). ``in_backward``: they
     are reduced in backward hooks (step in backward) -- in one process that makes them :class:`DirectBucket`.
+    ``state_dtype="int8"``: params of at least ``quant.MIN_QUANTIZED_NUMEL`` elements get int8 buckets of their
+    own, the smaller ones fp32 moments (:mod:`zeroadamw.storage`).
     Returns the buckets and their layout signature entries (what every rank must build identically)."""
     cls = DirectBucket if in_backward and comm.world_size == 1 else Bucket
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    by_kind: dict[tuple, list[Tensor]] = {}
     for p in trainable(params):
-        by_dtype.setdefault(p.dtype, []).append(p)
+        moments_of = state_dtype if state_dtype != "int8" or p.numel() >= quant.MIN_QUANTIZED_NUMEL else "fp32"
+        by_kind.setdefault((p.dtype, moments_of), []).append(p)
     buckets, signature = [], []
-    for dtype, ps in by_dtype.items():
+    for (dtype, sd), ps in by_kind.items():
         master = master_dtype_for(dtype, master_dtype)
+        moments = storage.moment_dtype(sd, dtype, master, kahan and master is None)
         for idx in plan_buckets([p.numel() for p in ps], bucket_size):
             buckets.append(cls([ps[i] for i in idx], group_index, comm, reduce_dtype or dtype, master or dtype,
-                               master))
-            signature.append((str(dtype), [ps[i].numel() for i in idx]))
+                               master, moments=moments, kahan=kahan))
+            signature.append((str(dtype), str(moments), [ps[i].numel() for i in idx]))
     return buckets, signature

@@ -72,6 +72,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, Def
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
+from . import quant
 from .sharded_adamw import ShardedAdamW
 
 __all__ = ["save", "load", "export_consolidated", "CheckpointError", "META_FILE"]
@@ -360,9 +361,12 @@ def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str],
                 elif how == "rows":
                     lo, _ = opt._rows_range(bucket, i)
                     entries[f"optim/{key}/{kind}"] = _Range(t, lo, p.shape[0])
+                elif how == "blocks":  # int8 scales: the owned blocks (params start on block boundaries)
+                    entries[f"optim/{key}/{kind}"] = _Range(t, s.own_lo // quant.BLOCK, quant.nblocks(s.numel))
                 else:
                     entries[f"optim/{key}/{kind}"] = t
-                kinds[kind] = {"shape": shape, "dtype": _dtype_name(t.dtype), "sharded": how in ("range", "rows")}
+                kinds[kind] = {"shape": shape, "dtype": _dtype_name(t.dtype),
+                               "sharded": how in ("range", "rows", "blocks")}
             desc[fqn] = {"shape": list(p.shape), "dtype": _dtype_name(p.dtype), "kinds": kinds, "rule": opt.rule}
     return entries, desc
 
@@ -670,7 +674,8 @@ def save(
                              "max_step": local_max_step}
         if isinstance(optimizer, ShardedAdamW):
             meta["optimizer"].update(stage=optimizer.stage, bucket_size=optimizer.bucket_size,
-                                     master_dtype=_dtype_name(optimizer.master_dtype) if optimizer.master_dtype else None)
+                                     master_dtype=_dtype_name(optimizer.master_dtype) if optimizer.master_dtype else None,
+                                     state_dtype=optimizer.state_dtype, kahan_sum=optimizer.kahan_sum)
     if scheduler is not None:
         meta["scheduler"] = _jsonable(scheduler.state_dict(), "scheduler.state_dict()")
     if extra is not None:
@@ -896,10 +901,19 @@ def _sharded_dests(path: str, optimizer: ShardedAdamW, names, keys, opt_meta: di
                 entries.pop(f"optim/{key}/{kind}", None)
             continue
         for kind in d["kinds"]:
+            if kind in saved["kinds"] and (saved["kinds"][kind]["dtype"] == "uint8") != (d["kinds"][kind]["dtype"] == "uint8"):
+                raise CheckpointError(
+                    f"{path}: {fqn} {kind!r} was saved as {saved['kinds'][kind]['dtype']}, this optimizer keeps "
+                    f"{d['kinds'][kind]['dtype']} (another state_dtype): load with the state_dtype it was saved with, "
+                    "or export_consolidated(...) it and load that with optimizer.load_state_dict (which converts)")
             if kind not in saved["kinds"]:
                 if kind == "master":  # saved without a master (fp32 run): take it from the loaded param
                     entries.pop(f"optim/{key}/master", None)
                     fill_master.append(fqn)
+                    continue
+                if kind == "kahan_comp":  # saved with an fp32 master or none: start the compensation at zero
+                    entries.pop(f"optim/{key}/kahan_comp", None)
+                    fill_master.append(("kahan", fqn))
                     continue
                 raise CheckpointError(
                     f"{path}: {fqn} has no {kind!r} state in the checkpoint (saved by rule "
@@ -914,6 +928,9 @@ def _sharded_dests(path: str, optimizer: ShardedAdamW, names, keys, opt_meta: di
 def _restore_sharded(optimizer: ShardedAdamW, names, opt_meta: dict, fill_master: list) -> None:
     """After DCP filled a ShardedAdamW's views: masters to re-read, fresh state for params saved without any."""
     by_name = {names[p]: p for g in optimizer.param_groups for p in g["params"]}
+    for entry in fill_master:
+        if isinstance(entry, tuple):  # ("kahan", fqn): no compensation in the checkpoint
+            optimizer.state[by_name[entry[1]]]["kahan_comp"].zero_()
     for fqn, p in by_name.items():
         if p in optimizer.engine.where and optimizer.engine.where[p][0].master is not None:
             # no master in the checkpoint: take it from the (loaded) param
@@ -1075,10 +1092,18 @@ def _export_param_state(w, key: str, d: dict, read, read_full) -> dict | None:
     for kind, k in d["kinds"].items():
         if kind == "step":
             t = step
+        elif kind.endswith("_absmax") or kind == "kahan_comp":
+            continue  # int8 scales are folded into their moment below; the compensation is not torch state
         elif k["sharded"]:
             t = read(f"optim/{key}/{kind}", k["shape"], _dtype(k["dtype"])).view(k["shape"])
         else:
             t = read_full(f"optim/{key}/{kind}", k["shape"], _dtype(k["dtype"]))
+        if kind in ("exp_avg", "exp_avg_sq") and t.dtype == torch.uint8:  # int8 moments: dequantized
+            a = d["kinds"][kind + "_absmax"]
+            absmax = read(f"optim/{key}/{kind}_absmax", a["shape"], _dtype(a["dtype"]))
+            t = quant.dequantize_tensor(t, absmax, kind == "exp_avg")
+        elif kind in ("exp_avg", "exp_avg_sq") and t.dtype != torch.float32 and t.is_floating_point():
+            t = t.float()  # bf16 moments: torch AdamW's fp32
         entry[kind] = w.tensor(t)
         del t
     return entry

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import quant, storage
 from .buckets import Bucket
 from .options import completed_groups, steps_as_tensors, validate_hyper
 from .schedules import portable_wd_fn
@@ -93,7 +94,7 @@ class ConsolidationMixin:
         kinds: dict[tuple[str, str], torch.dtype] = {}
         for p in bucket.params:
             for k, (how, t) in self._state_kinds(p).items():
-                if how in ("range", "rows"):
+                if how in ("range", "rows", "blocks"):
                     kinds.setdefault((k, how), t.dtype)
         gathered = {k: self._gather_kind(bucket, k, how, dtype) for (k, how), dtype in kinds.items()}
         out = []
@@ -105,6 +106,9 @@ class ConsolidationMixin:
                     entry[k] = gathered[k][s.offset : s.offset + s.numel].view_as(p).clone()
                 elif how == "rows":
                     entry[k] = gathered[k][: p.shape[0]].clone()
+                elif how == "blocks":  # int8 scales: params start on block boundaries
+                    b0 = s.offset // quant.BLOCK
+                    entry[k] = gathered[k][b0 : b0 + quant.nblocks(s.numel)].clone()
                 else:
                     entry[k] = t.detach().clone()
             out.append((p, entry))
@@ -112,8 +116,13 @@ class ConsolidationMixin:
 
     def _gather_kind(self, bucket: Bucket, k: str, how: str, dtype: torch.dtype) -> Tensor:
         """All-gather one sharded state kind of a bucket into its padded flat layout (rows: padded row layout)."""
+        if how == "blocks":  # the bucket's flat scales: shard / 256 per rank
+            flat = getattr(bucket, k)
+            out = torch.empty(flat.numel() * bucket.comm.world_size, dtype=flat.dtype, device=flat.device)
+            bucket.comm.all_gather(out, flat, async_op=False)
+            return out
         if how == "range":
-            flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
+            flat = getattr(bucket, k, None) if k in Bucket.STATE_NAMES else None
             if flat is None:  # per-param ranges (AdaLomo's vector moments): pack into a flat shard first
                 flat = torch.zeros(bucket.layout.shard, dtype=dtype, device=bucket.device)
                 for i, p in enumerate(bucket.params):
@@ -216,6 +225,9 @@ class ConsolidationMixin:
                 continue  # frozen (or empty) now: it has no optimizer state here
             if "step" not in st:
                 raise ValueError(f"param index {k}: loaded state has no 'step'")
+            # another storage of the moments / weights (fp32 <-> int8 codes, master <-> Kahan): convert whole
+            st = storage.convert_entry(p, st, {kind: t for kind, (_, t) in self._state_kinds(p).items()},
+                                       f"param index {k}")
             for kind, (how, mine) in self._state_kinds(p).items():
                 if kind not in st:
                     if kind == "master":
@@ -251,6 +263,9 @@ class ConsolidationMixin:
             elif how == "rows":
                 lo, hi = self._rows_range(bucket, i)
                 t.copy_(src[lo:hi])
+            elif how == "blocks":
+                b0 = s.own_lo // quant.BLOCK
+                t.copy_(src[b0 : b0 + t.numel()])
             elif how == "scalar":
                 t.fill_(float(src.item() if isinstance(src, Tensor) else src))
             else:
@@ -272,7 +287,8 @@ class ConsolidationMixin:
                   reduce_dtype=self.reduce_dtype, impl=self.impl, step_in_backward=self.step_in_backward,
                   rule=self.rule, wd_schedule=portable_wd_fn(self._wd_default[0]),
                   wd_schedule_steps=self._wd_default[1], param_views=self.param_views,
-                  overlap_param_gather=self.engine.gathers.on)
+                  overlap_param_gather=self.engine.gathers.on, state_dtype=self.state_dtype,
+                  kahan_sum=self.kahan_sum)
         kw.update({k: d[k] for k in self._rule.hyper_keys})
         return kw
 

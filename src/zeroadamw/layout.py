@@ -11,13 +11,16 @@ decide
 
 A bucket of ``n`` real elements is padded to ``ceil(n / N) * N``: fewer than ``N`` padding elements per bucket.
 (Row-sharded buckets -- SparseAdamW's ``sparse="rows"`` -- use ``unit`` = the row size, so every rank owns whole
-rows: fewer than ``N`` padding *rows*.)
+rows: fewer than ``N`` padding *rows*.) Buckets of block-quantized state (``align`` = 256) start every parameter
+on a multiple of ``align`` and cut shards on multiples of it, so quantization blocks follow each parameter's own
+element index at every world size; the gaps between params (``gaps``) are padding too.
 Rank ``r`` owns ``[r * S, (r + 1) * S)`` of every bucket, ``S = padded / N``. Every element of every parameter is
 owned by exactly one rank (tests/test_layout.py checks this with hypothesis).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["Slot", "BucketLayout", "plan_buckets"]
@@ -42,33 +45,41 @@ class Slot:
 class BucketLayout:
     """Offsets, padding and the owned range of one bucket for one rank."""
 
-    __slots__ = ("numel", "padded", "shard", "world_size", "rank", "slots")
+    __slots__ = ("numel", "padded", "shard", "world_size", "rank", "slots", "gaps", "align")
 
-    def __init__(self, numels: list[int], world_size: int, rank: int, unit: int = 1) -> None:
+    def __init__(self, numels: list[int], world_size: int, rank: int, unit: int = 1, align: int = 1) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, {world_size})")
         if not numels:
             raise ValueError("a bucket needs at least one parameter")
-        if unit < 1:
-            raise ValueError(f"unit must be >= 1, got {unit}")
-        self.numel = sum(numels)
+        if unit < 1 or align < 1:
+            raise ValueError(f"unit and align must be >= 1, got {unit}, {align}")
+        offsets, gaps, end = [], [], 0
+        for n in numels:
+            start = -(-end // align) * align
+            if start > end:
+                gaps.append((end, start))
+            offsets.append(start)
+            end = start + n
+        self.numel = end  # the last param's end (with align > 1: real elements + gaps)
+        self.gaps = tuple(gaps)
+        self.align = align
         self.world_size = world_size
         self.rank = rank
-        # every shard is a whole number of units (rows, for row-sharded params): ceil(numel / (N * unit)) units
+        # every shard is a whole number of units (rows, for row-sharded params) and of align: ceil(numel / (N * unit))
+        unit = unit * align // math.gcd(unit, align)
         self.shard = -(-self.numel // (world_size * unit)) * unit
         self.padded = self.shard * world_size
         lo, hi = rank * self.shard, (rank + 1) * self.shard
         slots = []
-        offset = 0
-        for i, n in enumerate(numels):
+        for i, (n, offset) in enumerate(zip(numels, offsets)):
             a, b = max(offset, lo), min(offset + n, hi)
             if a < b:
                 slots.append(Slot(i, offset, n, a - offset, b - offset, a - lo))
             else:
                 slots.append(Slot(i, offset, n, 0, 0, 0))
-            offset += n
         self.slots = tuple(slots)
 
     @property

@@ -114,8 +114,10 @@ def _check_dtype(name: str, dtype: Any) -> None:
 
 def validate_options(*, stage: Any, bucket_size: Any, master_dtype: Any, reduce_dtype: Any, grads_reduced: bool,
                      impl: str, step_in_backward: bool, param_views: Any = True,
-                     overlap_param_gather: Any = False) -> None:
+                     overlap_param_gather: Any = False, state_dtype: Any = None, kahan_sum: Any = False,
+                     rule: str = "adamw") -> None:
     """The constructor's non-hyperparameter options of ShardedAdamW, and how they combine."""
+    validate_precision(state_dtype, kahan_sum, master_dtype, rule)
     if stage not in (1, 2) or isinstance(stage, bool):
         raise ValueError(f"stage must be 1 (shard optimizer state) or 2 (also shard gradients), got {stage!r}")
     if bucket_size is not None and (not isinstance(bucket_size, int) or isinstance(bucket_size, bool)
@@ -142,6 +144,25 @@ def validate_options(*, stage: Any, bucket_size: Any, master_dtype: Any, reduce_
     if overlap_param_gather and not param_views:
         raise ValueError("overlap_param_gather=True needs param_views=True (the all-gather lands in the params "
                          "themselves; without views it would hold a full-size output buffer until the forward)")
+
+
+def validate_precision(state_dtype: Any, kahan_sum: Any, master_dtype: Any, rule: str = "adamw") -> None:
+    """``state_dtype`` / ``kahan_sum`` (:mod:`zeroadamw.storage`) and how they combine with the rest."""
+    from .storage import STATE_DTYPES
+
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        hint = " (a string, not a torch.dtype)" if isinstance(state_dtype, torch.dtype) else ""
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or None (automatic), got {state_dtype!r}{hint}")
+    if not isinstance(kahan_sum, bool):
+        raise TypeError(f"kahan_sum must be True or False, got {kahan_sum!r}")
+    if kahan_sum and master_dtype is not None:
+        raise ValueError("kahan_sum=True replaces the fp32 master of bf16/fp16 params by a compensation buffer; "
+                         "pass master_dtype=None with it")
+    if state_dtype not in (None, "fp32") and rule != "adamw":
+        raise ValueError(f"state_dtype={state_dtype!r} stores Adam moments; rule={rule!r} keeps none of that kind "
+                         "(use rule='adamw', or leave state_dtype unset)")
+    if kahan_sum and rule == "adalomo":
+        raise ValueError("kahan_sum=True is implemented for the element-wise rules ('adamw', 'lomo'), not 'adalomo'")
 
 
 def check_impl(impl: Any) -> None:

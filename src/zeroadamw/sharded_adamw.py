@@ -52,7 +52,7 @@ from .consolidation import ConsolidationMixin
 from .control import Control
 from .engine import GradEngine
 from .in_backward import InBackwardMixin, engine_callbacks
-from .options import (DEFAULT_BUCKET_SIZE, auto_bucket_size, check_params, lr_max, materialise_params, trainable_numel,
+from .options import (DEFAULT_BUCKET_SIZE, auto_bucket_size, check_params, materialise_params, trainable_numel,
                       validate_hyper, validate_max_grad_norm, validate_options)
 from .plain import PlainModeMixin
 from .rules import get_rule
@@ -100,7 +100,12 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         bucket_size: elements per communication bucket; ``None`` (default) picks about 1/32 of the trainable
             elements, between 2**20 and :data:`DEFAULT_BUCKET_SIZE` (2**23): ``options.auto_bucket_size``.
         master_dtype: dtype of the sharded master weights kept for bf16/fp16 params (default fp32); ``None``
-            updates low-precision params in their own dtype (state in that dtype too).
+            updates low-precision params in their own dtype (moments in that dtype too, unless ``state_dtype``).
+        state_dtype: storage of ``exp_avg`` / ``exp_avg_sq``: ``"fp32"``, ``"bf16"`` or ``"int8"`` (block-wise
+            8-bit, params of >= 4096 elements); math is always fp32. ``None``: the master's dtype, else the
+            param's. See :mod:`zeroadamw.storage`.
+        kahan_sum: with ``master_dtype=None``: keep a compensation buffer in the param dtype instead of an fp32
+            master (Kahan summation: bf16 weights train like mixed precision at 2 bytes less per param).
         max_grad_norm: clip the global L2 norm of the averaged gradients to this value (over all shards);
             ``None`` = no clipping. :attr:`grad_norm` is computed every step either way.
         grads_reduced: stage 1 only. ``True`` when gradients arrive already averaged across ranks because the
@@ -179,6 +184,8 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         wd_schedule_steps: int | None = None,
         param_views: bool = True,
         overlap_param_gather: bool = False,
+        state_dtype: str | None = None,
+        kahan_sum: bool = False,
     ) -> None:
         self._wd_default = (wd_schedule, wd_schedule_steps)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -189,8 +196,10 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         validate_hyper(defaults)
         validate_options(stage=stage, bucket_size=bucket_size, master_dtype=master_dtype, reduce_dtype=reduce_dtype,
                          grads_reduced=grads_reduced, impl=impl, step_in_backward=step_in_backward,
-                         param_views=param_views, overlap_param_gather=overlap_param_gather)
+                         param_views=param_views, overlap_param_gather=overlap_param_gather,
+                         state_dtype=state_dtype, kahan_sum=kahan_sum, rule=rule)
         self.stage = stage
+        self.state_dtype, self.kahan_sum = state_dtype, kahan_sum
         params = materialise_params(params)
         self.bucket_size = auto_bucket_size(trainable_numel(params)) if bucket_size is None else bucket_size
         self.master_dtype = master_dtype
@@ -293,7 +302,8 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         groups)."""
         group = self.param_groups[gi]
         buckets, entries = dense_buckets(group["params"], gi, self.comm, self.bucket_size, self.master_dtype,
-                                         self.reduce_dtype, in_backward=self.step_in_backward)
+                                         self.reduce_dtype, in_backward=self.step_in_backward,
+                                         state_dtype=self.state_dtype, kahan=self.kahan_sum)
         return buckets, [gi, len(group["params"]), *entries]
 
     def _check_same_layout(self, signature: list) -> None:
@@ -458,19 +468,6 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         if idx:
             self._kernel(bucket, idx, self.param_groups[bucket.group_index], grad_scale, None)
 
-    def _kernel(self, bucket: Bucket, idx: list[int], group: dict, grad_scale: Tensor | None,
-                found_inf: Tensor | None) -> None:
-        """The (element-wise) rule's kernel over the owned parts of params ``idx`` of ``bucket`` (master or param),
-        with one keyword set for every rule (:meth:`zeroadamw.rules.Rule.kernel`)."""
-        self._refresh_master(bucket, idx)
-        params = [bucket.target_view(i) for i in idx]
-        grads = self.engine.grad_views(bucket, idx)
-        if grads and grads[0].dtype != params[0].dtype:
-            grads = [g.to(params[0].dtype) for g in grads]
-        steps = [self.state[bucket.params[i]]["step"] for i in idx]
-        common = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], decay=group["decay"],
-                      lr_max=lr_max(group), grad_scale=grad_scale, found_inf=found_inf)
-        self._rule.kernel(params, grads, steps, bucket, idx, group, common, self.impl)
 
 
 ShardedAdamW._copy_base = ShardedAdamW  # copies are rebuilt through this constructor (consolidation.py)

@@ -50,6 +50,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
+from . import quant, storage
 from .comm import Comm
 from .buckets import Bucket, DirectBucket, check_grad, dense_buckets, master_dtype_for, trainable
 from .options import lr_max
@@ -72,11 +73,13 @@ class RowBucket(Bucket):
 
     always_hooked = True
 
-    def __init__(self, param: Tensor, group_index: int, comm: Comm, reduce_dtype, acc_dtype, master_dtype) -> None:
+    def __init__(self, param: Tensor, group_index: int, comm: Comm, reduce_dtype, acc_dtype, master_dtype,
+                 moments=None, kahan: bool = False) -> None:
         if param.ndim < 1 or param.numel() == 0:
             raise ValueError("sparse='rows' needs parameters with at least one dimension (rows along dim 0)")
         rows, width = param.shape[0], param.numel() // param.shape[0]
-        super().__init__([param], group_index, comm, reduce_dtype, acc_dtype, master_dtype, unit=width)
+        super().__init__([param], group_index, comm, reduce_dtype, acc_dtype, master_dtype, unit=width,
+                         moments=moments, kahan=kahan)
         self.R, self.D = rows, width
         s = self.layout.slots[0]
         self.rows_lo, self.rows_hi = s.own_lo // self.D, s.own_hi // self.D
@@ -309,15 +312,21 @@ class SparseAdamW(ShardedAdamW):
         comm = self._group_comm(group)
         if group.get("sparse") != "rows":
             buckets, entries = dense_buckets(group["params"], gi, comm, self.bucket_size, self.master_dtype,
-                                             self.reduce_dtype, in_backward=self.step_in_backward)
+                                             self.reduce_dtype, in_backward=self.step_in_backward,
+                                             state_dtype=self.state_dtype, kahan=self.kahan_sum)
             head = [gi, len(group["params"])] + ([] if comm is self.comm else [None])
             return buckets, head + entries
         buckets, entries = [], []
         for p in trainable(group["params"]):
             master = master_dtype_for(p.dtype, self.master_dtype)
             cls = DirectRowBucket if comm.world_size == 1 else RowBucket  # rows always reduce in backward
-            buckets.append(cls(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master))
-            entries.append(("rows", str(p.dtype), list(p.shape)))
+            sd = self.state_dtype
+            if sd == "int8" and (p.numel() < quant.MIN_QUANTIZED_NUMEL or (p.numel() // p.shape[0]) % quant.BLOCK):
+                sd = "fp32"  # int8 blocks must lie inside rows (rows of a multiple of 256 elements), else fp32
+            moments = storage.moment_dtype(sd, p.dtype, master, self.kahan_sum and master is None)
+            buckets.append(cls(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master, moments=moments,
+                               kahan=self.kahan_sum))
+            entries.append(("rows", str(p.dtype), str(moments), list(p.shape)))
         return buckets, [gi, len(group["params"]), "rows"] + entries
 
     # ------------------------------------------------------------------------------------------------- state
@@ -375,17 +384,20 @@ class SparseAdamW(ShardedAdamW):
         st = self.state[bucket.params[0]]
         self._refresh_master(bucket, [0])
         D = bucket.D
-        theta = bucket.target_view(0).view(rows, D)
+        w = storage.working(bucket, [0], True)  # fp32 working copies of low-precision storage (storage.py)
+        theta = w.targets[0].view(rows, D)
         g = bucket.owned_rows_dense().to(theta.dtype)
         if grad_scale is not None:
             g = g / grad_scale.to(theta.dtype)
         beta1, beta2 = group["betas"]
+        mask = bucket.touched[bucket.rows_lo : bucket.rows_hi]
         F.lazy_adamw_rows(
-            theta, g, bucket.shard_view(bucket.exp_avg, 0).view(rows, D), bucket.shard_view(bucket.exp_avg_sq, 0).view(rows, D),
-            st["step"], st["decay_mark"], bucket.touched[bucket.rows_lo : bucket.rows_hi],
+            theta, g, w.exp_avgs[0].view(rows, D), w.exp_avg_sqs[0].view(rows, D),
+            st["step"], st["decay_mark"], mask,
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decay=group["decay"], lr_max=lr_max(group), log_decay_before=self._log_decay_before.get(id(group), group["log_decay"]),
             log_factor=self._factors[id(group)], catchup=self.catchup_decay)
+        storage.store(bucket, [0], w, None, rows_touched=mask)  # idle rows keep their codes bit for bit
 
     def apply_pending_decay(self) -> None:
         """Give every idle slice the decoupled decay it has missed so far (catch-up now instead of at its next

@@ -19,7 +19,9 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import quant, storage
 from .buckets import Bucket
+from .options import lr_max
 
 __all__ = ["StateMixin"]
 
@@ -41,7 +43,40 @@ class StateMixin:
             if bucket.master is not None:
                 st["master"] = bucket.shard_view(bucket.master, i)
                 self._master_stale.add(p)  # re-read from the param at its first update (weights may change before)
+            st.update(self._flat_views(bucket, i, ("exp_avg_absmax", "exp_avg_sq_absmax", "kahan_comp")))
             self.state[p] = st
+
+    @staticmethod
+    def _flat_views(bucket: Bucket, i: int, names) -> dict[str, Tensor]:
+        """``state[p]`` views of the bucket's flat state ``names`` that it holds: owned elements, or for the int8
+        scales the owned blocks (``own_lo // 256`` up to the block of ``own_hi``)."""
+        out = {}
+        for k in names:
+            flat = getattr(bucket, k, None)
+            if flat is None:
+                continue
+            if k.endswith("_absmax"):
+                lo, hi, _ = storage.padded_range(bucket, i)
+                out[k] = flat[lo // quant.BLOCK : hi // quant.BLOCK]
+            else:
+                out[k] = bucket.shard_view(flat, i)
+        return out
+
+    def _kernel(self, bucket: Bucket, idx: list[int], group: dict, grad_scale: Tensor | None,
+                found_inf: Tensor | None) -> None:
+        """The (element-wise) rule's kernel over the owned parts of params ``idx`` of ``bucket``, on the fp32
+        working tensors of its storage (:mod:`zeroadamw.storage`: views where the storage is fp32, copies
+        otherwise, written back after), with one keyword set for every rule (:meth:`zeroadamw.rules.Rule.kernel`)."""
+        self._refresh_master(bucket, idx)
+        w = storage.working(bucket, idx, self._rule.flat_moments)
+        grads = self.engine.grad_views(bucket, idx)
+        if grads and grads[0].dtype != w.targets[0].dtype:
+            grads = [g.to(w.targets[0].dtype) for g in grads]
+        steps = [self.state[bucket.params[i]]["step"] for i in idx]
+        common = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], decay=group["decay"],
+                      lr_max=lr_max(group), grad_scale=grad_scale, found_inf=found_inf)
+        self._rule.kernel(w.targets, grads, steps, (w.exp_avgs, w.exp_avg_sqs), idx, group, common, self.impl)
+        storage.store(bucket, idx, w, found_inf)
 
     def _refresh_master(self, bucket: Bucket, idx: list[int]) -> None:
         """First update since the state was made (or loaded without a master): copy params ``idx`` into the master."""
@@ -109,12 +144,12 @@ class StateMixin:
             st = self.state.get(p)
             if not st:
                 continue
+            flat = self._flat_views(bucket, i, Bucket.STATE_NAMES)
             for k, t in list(st.items()):
                 # a view of the bucket's flat state when the bucket holds that kind flat (rules without flat
                 # moments -- AdaLomo's own exp_avg_sq -- leave bucket.exp_avg_sq None: their tensor is moved)
-                flat = getattr(bucket, k, None) if k in ("exp_avg", "exp_avg_sq", "master") else None
-                if isinstance(flat, Tensor):
-                    st[k] = bucket.shard_view(flat, i)
+                if k in flat:
+                    st[k] = flat[k]
                 elif isinstance(t, Tensor) and t.device != dev:
                     st[k] = t.to(dev)
 
@@ -131,9 +166,12 @@ class StateMixin:
         * ``("rows", t)`` -- the owned rows ``rows_lo:rows_hi`` of a ``[p.shape[0]]`` tensor (row-sharded params'
           per-row step counts, SparseAdamW);
         * ``("full", t)`` -- a whole tensor every rank holds identically;
-        * ``("scalar", t)`` -- a 0-d tensor every rank holds identically (the step count).
+        * ``("scalar", t)`` -- a 0-d tensor every rank holds identically (the step count);
+        * ``("blocks", t)`` -- the owned 256-element blocks of a ``[ceil(numel / 256)]`` tensor (int8 moments'
+          scales: params start on block boundaries and shards are cut on them).
         """
-        return {k: (self._rule.layout_of(k), t) for k, t in self.state[p].items()}
+        return {k: ("blocks" if k.endswith("_absmax") else self._rule.layout_of(k), t)
+                for k, t in self.state[p].items()}
 
     @staticmethod
     def _state_shape(p: Tensor, how: str, t: Tensor) -> tuple[int, ...]:
@@ -142,6 +180,8 @@ class StateMixin:
             return tuple(p.shape)
         if how == "rows":
             return (p.shape[0],)
+        if how == "blocks":
+            return (quant.nblocks(p.numel()),)
         return tuple(t.shape)
 
     @staticmethod

@@ -56,10 +56,13 @@ class Rule:
         """Bytes of state not held in the buckets' flat tensors (counted by :meth:`ShardedAdamW.state_bytes`)."""
         return 0
 
-    def kernel(self, params: list[Tensor], grads: list[Tensor], steps: list[Tensor], bucket: "Bucket",
-               idx: list[int], group: dict, common: dict[str, Any], impl: str) -> None:
-        """Element-wise rules: update ``params`` (owned master / param slices of params ``idx`` of ``bucket``)
-        in place. ``common``: ``lr``, ``weight_decay``, ``decay``, ``lr_max``, ``grad_scale``, ``found_inf``."""
+    def kernel(self, params: list[Tensor], grads: list[Tensor], steps: list[Tensor],
+               moments: tuple[list[Tensor], list[Tensor]], idx: list[int], group: dict, common: dict[str, Any],
+               impl: str) -> None:
+        """Element-wise rules: update ``params`` (the fp32 working weights of the owned parts of params ``idx``)
+        and, with ``flat_moments``, ``moments`` (``exp_avg`` and ``exp_avg_sq`` working tensors) in place; the
+        optimizer writes them back into their storage (:mod:`zeroadamw.storage`). ``common``: ``lr``,
+        ``weight_decay``, ``decay``, ``lr_max``, ``grad_scale``, ``found_inf``."""
         raise NotImplementedError
 
     def update_bucket(self, opt: "ShardedAdamW", bucket: "Bucket", present: list[bool],

@@ -13,5 +13,5 @@ from .base import Rule
 class LomoRule(Rule):
     name = "lomo"
 
-    def kernel(self, params, grads, steps, bucket, idx, group, common, impl) -> None:
+    def kernel(self, params, grads, steps, moments, idx, group, common, impl) -> None:
         F.sgd(params, grads, steps, **common)

@@ -1,0 +1,119 @@
+r"""Block-wise 8-bit dynamic quantization of optimizer moments (Dettmers et al., 2022, "8-bit Optimizers via
+Block-wise Quantization").
+
+A tensor is cut into blocks of :data:`BLOCK` (256) consecutive elements; each block keeps its absolute maximum
+(fp32) and one byte per element: the index of the nearest value of a 256-entry *dynamic map* to
+``x / absmax``. The dynamic map spreads its values over seven decades (an exponent, then a linear fraction), so
+small and large moments both keep about two significant digits:
+
+* :func:`dynamic_map` ``(signed=True)`` for ``exp_avg`` (values in ``[-0.993, 1]``, 0 exact);
+* :func:`dynamic_map` ``(signed=False)`` for ``exp_avg_sq`` (values in ``[0, 1]``, 0 exact).
+
+These are the maps of bitsandbytes' 8-bit Adam (``create_dynamic_map``; tests/test_precision.py checks them
+equal when bitsandbytes is installed). Blocks follow the *parameter's own element index*: the buckets of int8
+state start every parameter on a block boundary and cut shards on block boundaries (:mod:`zeroadamw.layout`'s
+``align``), so a parameter has the same codes and scales at every world size and bucket size, and resharding
+a checkpoint moves codes and scales unchanged.
+
+Pure tensor functions, no host reads: they run on the device, per bucket, around the fp32 update math.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["BLOCK", "MIN_QUANTIZED_NUMEL", "dynamic_map", "zero_code", "quantize", "dequantize", "nblocks",
+           "quantize_tensor", "dequantize_tensor"]
+
+BLOCK = 256
+# Smaller tensors (biases, norm weights) keep fp32 moments: too few bytes to matter, and the most sensitive
+# (bitsandbytes' ``min_8bit_size`` is the same 4096).
+MIN_QUANTIZED_NUMEL = 4096
+
+
+def nblocks(numel: int) -> int:
+    return -(-numel // BLOCK)
+
+
+@functools.lru_cache(maxsize=None)
+def _map_values(signed: bool) -> tuple[float, ...]:
+    """The 256 values of the dynamic map, ascending: for exponent ``i`` in 0..6, the midpoints of a linear grid
+    on [0.1, 1] with 2**i (signed: and their negatives) or 2**(i+1) (unsigned) points, times 10**(i-6); plus 0
+    and 1."""
+    values: list[float] = []
+    for i in range(7):
+        n = 2**i if signed else 2 ** (i + 1)
+        grid = torch.linspace(0.1, 1, n + 1, dtype=torch.float32)
+        means = ((grid[:-1] + grid[1:]) / 2.0) * (10 ** (i - 6))
+        values += means.tolist()
+        if signed:
+            values += (-means).tolist()
+    values += [0.0, 1.0]
+    return tuple(sorted(values))
+
+
+_CACHE: dict[tuple[bool, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def dynamic_map(signed: bool, device: torch.device | str = "cpu") -> Tensor:
+    """The 256-entry dynamic quantization map (fp32, ascending) on ``device``."""
+    return _tables(signed, torch.device(device))[0]
+
+
+def _tables(signed: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    key = (signed, device)
+    if key not in _CACHE:
+        qmap = torch.tensor(_map_values(signed), dtype=torch.float32, device=device)
+        _CACHE[key] = (qmap, (qmap[1:] + qmap[:-1]) / 2)  # the map and the midpoints between its neighbours
+    return _CACHE[key]
+
+
+def zero_code(signed: bool) -> int:
+    """The code of 0.0 (what fresh state is filled with: for the signed map it is not code 0)."""
+    return _map_values(signed).index(0.0)
+
+
+def quantize(x: Tensor, codes: Tensor, absmax: Tensor, signed: bool) -> None:
+    """Quantize ``x`` (fp32, ``numel`` a multiple of :data:`BLOCK`) into ``codes`` (uint8, same numel) and
+    ``absmax`` (fp32, one per block), in place: nearest map value to ``x / absmax`` per element."""
+    qmap, mids = _tables(signed, x.device)
+    blocks = x.view(-1, BLOCK)
+    amax = blocks.abs().amax(dim=1)
+    absmax.copy_(amax)
+    scale = torch.where(amax > 0, amax, torch.ones_like(amax)).reciprocal_()
+    normed = blocks * scale.unsqueeze(1)
+    codes.view(-1, BLOCK).copy_(torch.bucketize(normed, mids))
+
+
+def dequantize(codes: Tensor, absmax: Tensor, signed: bool, out: Tensor | None = None) -> Tensor:
+    """fp32 values of ``codes`` (uint8, numel a multiple of :data:`BLOCK`) with per-block ``absmax``."""
+    qmap = _tables(signed, codes.device)[0]
+    vals = qmap[codes.view(-1, BLOCK).long()]
+    vals.mul_(absmax.unsqueeze(1))
+    if out is None:
+        return vals.view(-1)
+    out.view(-1, BLOCK).copy_(vals)
+    return out
+
+
+def quantize_tensor(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """Codes (uint8, shaped like ``x``) and per-block absmax (fp32, ``[nblocks(numel)]``) of a whole tensor, its
+    blocks counted from its first element: what a sharded optimizer holds for that param, at any world size."""
+    n = x.numel()
+    full = torch.zeros(nblocks(n) * BLOCK, dtype=torch.float32, device=x.device)
+    full[:n].copy_(x.reshape(-1))
+    codes = torch.empty(full.numel(), dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks(n), dtype=torch.float32, device=x.device)
+    quantize(full, codes, absmax, signed)
+    return codes[:n].view(x.shape).clone(), absmax
+
+
+def dequantize_tensor(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    """fp32 values of a whole tensor's codes (any shape) and its per-block absmax (:func:`quantize_tensor`)."""
+    n = codes.numel()
+    full = torch.full((nblocks(n) * BLOCK,), zero_code(signed), dtype=torch.uint8, device=codes.device)
+    full[:n].copy_(codes.reshape(-1))
+    return dequantize(full, absmax.to(device=codes.device, dtype=torch.float32), signed)[:n].view(codes.shape)

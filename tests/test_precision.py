@@ -1,0 +1,230 @@
+"""Precision-aware state: int8 / bf16 moments, Kahan-compensated bf16 weights without an fp32 master -- against
+the whole-parameter reference (tests/reference_precision.py), across world sizes, stages, step in backward,
+SparseAdamW rows, zeroadamw.AdamW, state dicts both ways, checkpoints resharded, and the byte accounting."""
+
+import copy
+import math
+import pickle
+import tempfile
+
+import pytest
+import torch
+
+import precision_workers as W
+from distributed import run
+from reference_precision import RefPrecisionAdamW, ref_dequantize, ref_quantize
+from zeroadamw import AdamW, ShardedAdamW, quant
+
+# ------------------------------------------------------------------------------------------ quantization
+
+
+def test_dynamic_maps_are_bitsandbytes_maps():
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    for signed in (True, False):
+        assert torch.equal(quant.dynamic_map(signed), bnb_f.create_dynamic_map(signed=signed).float())
+    assert quant.dynamic_map(True)[quant.zero_code(True)] == 0 and quant.dynamic_map(False)[quant.zero_code(False)] == 0
+
+
+@pytest.mark.parametrize("numel", [256, 1000, 4096 + 7])
+def test_quantize_matches_the_brute_force_reference(numel):
+    torch.manual_seed(numel)
+    x = torch.randn(numel) * torch.logspace(-6, 0, numel)[torch.randperm(numel)]
+    x[:256] = 0 if numel > 512 else x[:256]  # an all-zero block
+    for signed, t in ((True, x), (False, x.abs())):
+        codes, absmax = quant.quantize_tensor(t, signed)
+        rc, ra = ref_quantize(t, signed)
+        assert torch.equal(absmax, ra)
+        assert torch.equal(codes, rc)
+        back = quant.dequantize_tensor(codes, absmax, signed)
+        assert torch.equal(back, ref_dequantize(rc, ra, signed))
+        # the dynamic map keeps ~2 significant digits of every element relative to its block's max
+        err = (back - t).abs() / absmax.repeat_interleave(quant.BLOCK)[:numel].clamp_min(1e-30)
+        assert err.max() < 0.08, err.max()
+
+
+# --------------------------------------------------------------------------- one process: bit for bit
+
+
+# zeroadamw.AdamW keeps no fp32 master (torch's behaviour): not int8_master; its bf16 cases are the Kahan ones
+@pytest.mark.parametrize("mode,cls", [(m, "ShardedAdamW") for m in W.MODES] +
+                         [(m, "AdamW") for m in W.MODES if m != "int8_master"])
+def test_one_process_equals_the_reference_bit_for_bit(mode, cls):
+    dtype, opts = W.MODES[mode]
+    if cls == "AdamW":
+        opts = {k: v for k, v in opts.items() if k != "master_dtype"}
+    model, ref_model = W.make_net(dtype), W.make_net(dtype)
+    opt = (ShardedAdamW if cls == "ShardedAdamW" else AdamW)(model.parameters(), **W.HP, **opts, impl="reference")
+    ref = RefPrecisionAdamW(ref_model.parameters(), **W.HP, state_dtype=opts.get("state_dtype", "fp32"),
+                            master="master_dtype" not in W.MODES[mode][1] and cls == "ShardedAdamW",
+                            kahan=opts.get("kahan_sum", False))
+    assert W.train(model, opt, 8) == W.train(ref_model, ref, 8)
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), (p - q).abs().max()
+    sd = opt.state_dict()["state"]
+    for i, q in enumerate(ref_model.parameters()):
+        for k, t in ref.state[q].items():
+            assert torch.equal(sd[i][k], t.view_as(sd[i][k])), (i, k)
+    if opts.get("state_dtype") == "int8":
+        assert sd[0]["exp_avg"].dtype == torch.uint8  # the embedding: quantized
+        assert sd[4]["exp_avg"].dtype == torch.float32  # the LayerNorm weight (80 elements): fp32
+
+
+def test_kahan_tracks_the_fp32_master_and_plain_bf16_does_not():
+    """Small updates (lr 1e-5, far below a bf16 ulp of the weights): Kahan's param + compensation follows the
+    fp32-master run; the plain bf16 update loses most of them."""
+    runs = {}
+    for name, opts in {"master": {}, "kahan": dict(master_dtype=None, kahan_sum=True),
+                       "plain": dict(master_dtype=None, state_dtype="fp32")}.items():
+        model = W.make_net("bfloat16")
+        opt = ShardedAdamW(model.parameters(), lr=1e-5, weight_decay=0.0, **opts)
+        W.train(model, opt, 40)
+        sd = opt.state_dict()["state"]
+        runs[name] = [sd[i]["master"] if "master" in sd[i] else
+                      p.detach().float() + sd[i].get("kahan_comp", torch.zeros_like(p)).float()
+                      for i, p in enumerate(model.parameters())]
+    start = [p.detach().float() for p in W.make_net("bfloat16").parameters()]
+    moved = sum((m - s).abs().sum() for m, s in zip(runs["master"], start))
+    err_k = sum((k - m).abs().sum() for k, m in zip(runs["kahan"], runs["master"])) / moved
+    err_p = sum((k - m).abs().sum() for k, m in zip(runs["plain"], runs["master"])) / moved
+    assert err_k < 0.02, err_k
+    assert err_p > 0.3, err_p
+
+
+# ------------------------------------------------------------------------------------------ N processes
+
+
+@pytest.mark.parametrize("mode,world_size,extra", [
+    ("int8", 2, dict(bucket_size=5000)),
+    ("kahan_int8", 3, dict(bucket_size=9000, stage=1, reduce_dtype=torch.float64)),
+    ("kahan", 3, dict(bucket_size=20000, reduce_dtype=torch.float64)),
+    ("int8_master", 2, dict(bucket_size=4000, step_in_backward=True)),
+    ("bf16_moments", 4, dict(bucket_size=3000)),
+])
+def test_sharded_equals_the_reference_at_every_world_size(mode, world_size, extra):
+    """Shard boundaries inside params (small buckets), the param's blocks cut across ranks: params and every
+    consolidated state tensor -- codes, scales, compensation -- equal the whole-param reference bit for bit.
+    Every rank trains on the same data, so the averaged gradient is exact (N = 3: in an fp64 reduction,
+    3g / 3 = g), and the update math is the reference kernel's: any difference is the storage's."""
+    res = run(W.run_mode, world_size, mode, extra)[0]
+    for p, q in zip(res["params"], res["ref_params"]):
+        assert torch.equal(p, q), (p - q).abs().max()
+    for i, ref in res["ref_state"].items():
+        got = res["state"][i]
+        assert set(got) >= set(ref), (set(got), set(ref))
+        for k, t in ref.items():
+            assert torch.equal(got[k].view_as(t), t), (i, k)
+
+
+@pytest.mark.parametrize("mode,clip", [("kahan_int8", None), ("int8", 0.05)])
+def test_step_in_backward_equals_step(mode, clip):
+    assert all(run(W.in_backward_matches_step, 2, mode, clip))
+
+
+def test_skipped_step_keeps_codes_scales_and_compensation():
+    assert all(run(W.skipped_step_keeps_codes, 2, "kahan_int8"))
+
+
+def test_sparse_rows_int8_idle_rows_keep_their_codes():
+    two = run(W.sparse_rows_int8, 2)
+    one = W.sparse_rows_int8(0, 1)
+    torch.testing.assert_close(two[0]["weight"], one["weight"], rtol=1e-5, atol=1e-6)
+    assert (two[0]["state"][0]["exp_avg"] != one["state"][0]["exp_avg"]).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("mode", ["int8", "kahan_int8"])
+def test_checkpoint_reshards_int8_and_kahan_state_exactly(mode):
+    with tempfile.TemporaryDirectory() as d:
+        saved = run(W.checkpoint_save, 2, mode, d + "/ck", 5000)[0]
+        for n, bucket in ((3, 9000), (1, 3000)):
+            got = run(W.checkpoint_load, n, mode, d + "/ck", bucket)[0] if n > 1 else \
+                W.checkpoint_load(0, 1, mode, d + "/ck", bucket)
+            for k in saved:
+                for kind, t in saved[k].items():
+                    assert torch.equal(got[k][kind], t), (n, k, kind)
+        from zeroadamw.checkpoint import export_consolidated
+
+        out = export_consolidated(d + "/ck", d + "/exp")
+        sd = torch.load(out["optimizer"], weights_only=True)
+        for k, st in sd["state"].items():
+            assert st["exp_avg"].dtype == torch.float32 and "exp_avg_absmax" not in st and "kahan_comp" not in st
+            if saved[k]["exp_avg"].dtype == torch.uint8:
+                assert torch.equal(st["exp_avg"], quant.dequantize_tensor(saved[k]["exp_avg"],
+                                                                          saved[k]["exp_avg_absmax"], True))
+        model = W.make_net(W.MODES[mode][0])
+        torch.optim.AdamW(model.parameters()).load_state_dict(sd)  # torch takes it
+
+
+def test_state_dicts_convert_between_storage_kinds():
+    assert all(run(W.state_dict_crossings, 2))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_state_bytes_count_every_byte(world_size):
+    numel = 1 << 16
+    got = run(W.state_bytes_per_rank, world_size, numel)[0] if world_size > 1 else W.state_bytes_per_rank(0, 1, numel)
+    per = {k: v / (numel / world_size) for k, v in got.items()}
+    assert per["fp32"] == 12  # moments 8 + master 4
+    assert per["bf16"] == 8  # moments 4 + master 4
+    assert per["int8"] == pytest.approx(4 + 2 + 8 / 256)  # master + codes + scales
+    assert per["kahan"] == 10  # moments 8 + compensation 2: the master's 4 gone, 2 added
+    assert per["kahan_int8"] == pytest.approx(2 + 2 + 8 / 256)
+    assert per["kahan_int8"] - 2 <= 2.1  # int8 moments alone
+
+
+# ------------------------------------------------------------------------------------ torch.optim idioms
+
+
+@pytest.mark.parametrize("cls", [ShardedAdamW, AdamW])
+def test_deepcopy_pickle_and_torch_state_dicts(cls):
+    model = W.make_net("bfloat16")
+    opt = cls(model.parameters(), **W.HP, state_dtype="int8", kahan_sum=True,
+              **({"master_dtype": None} if cls is ShardedAdamW else {}))
+    W.train(model, opt, 3)
+    sd = opt.state_dict()
+    for c in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        for k, st in c.state_dict()["state"].items():
+            for n, t in st.items():
+                assert torch.equal(t, sd["state"][k][n]), (k, n)
+    # AdamW (int8) <-> ShardedAdamW (int8): the same storage, loaded as is
+    other = (AdamW if cls is ShardedAdamW else ShardedAdamW)(
+        model.parameters(), **W.HP, state_dtype="int8", kahan_sum=True,
+        **({"master_dtype": None} if cls is AdamW else {}))
+    other.load_state_dict(sd)
+    for k, st in other.state_dict()["state"].items():
+        for n, t in st.items():
+            assert torch.equal(t, sd["state"][k][n]), (k, n)
+    # a torch AdamW state dict (fp32 moments) into an int8 AdamW: quantized, and torch's cast did not round it
+    tm = W.make_net("float32")
+    t = torch.optim.AdamW(tm.parameters(), **W.HP)
+    W.train(tm, t, 2)
+    o = AdamW(tm.parameters(), **W.HP, state_dtype="int8")
+    o.load_state_dict(t.state_dict())
+    codes, absmax = quant.quantize_tensor(t.state[tm.emb.weight]["exp_avg"], True)
+    assert torch.equal(o.state[tm.emb.weight]["exp_avg"], codes)
+    assert torch.equal(o.state[tm.emb.weight]["exp_avg_absmax"], absmax)
+
+
+def test_bad_precision_options_name_the_fix():
+    p = [torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))]
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        ShardedAdamW(p, state_dtype="int4")
+    with pytest.raises(ValueError, match="a string, not a torch.dtype"):
+        ShardedAdamW(p, state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="pass master_dtype=None"):
+        ShardedAdamW(p, kahan_sum=True)
+    with pytest.raises(TypeError, match="kahan_sum must be True or False"):
+        AdamW(p, kahan_sum=1)
+    with pytest.raises(ValueError, match="rule='lomo' keeps none"):
+        ShardedAdamW(p, rule="lomo", state_dtype="int8")
+    with pytest.raises(ValueError, match="not 'adalomo'"):
+        ShardedAdamW(p, rule="adalomo", master_dtype=None, kahan_sum=True)
+    # LOMO with Kahan works (element-wise): bf16 weights without a master
+    q = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    o = ShardedAdamW([q], rule="lomo", lr=1e-4, weight_decay=0.0, master_dtype=None, kahan_sum=True)
+    for _ in range(10):
+        q.grad = torch.ones_like(q)
+        o.step()
+    total = q.detach().float() + o.state[q]["kahan_comp"].float()
+    torch.testing.assert_close(total, torch.full((8,), 1 - 1e-3), rtol=0, atol=2e-6)
+    assert torch.equal(q.detach(), torch.ones(8, dtype=torch.bfloat16))  # each 1e-4 step is below half an ulp
+    assert math.isclose(o.state_bytes(), 8 * 2)  # the compensation only
