@@ -41,9 +41,12 @@ DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "llama-tiny.json")
 class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "a local model directory / hub id (offline cache); default: a small LLaMA "
-                                        "built from --config_name"})
+                                        "built from --config_name (with --qlora: built, saved to "
+                                        "OUTPUT_DIR/qlora_base/ and loaded 4-bit from there)"})
     config_name: str = field(default=DEFAULT_CONFIG, metadata={"help": "LlamaConfig JSON used when no model is given"})
-    torch_dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16"})
+    torch_dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 | float16; with --qlora: "
+                                                                "the LoRA adapters' dtype and the 4-bit layers' "
+                                                                "compute dtype (auto: fp32 adapters, bf16 compute)"})
 
 
 @dataclass
@@ -64,11 +67,26 @@ class ZeroArguments:
     rule: str = field(default="adamw", metadata={"help": "adamw | lomo | adalomo"})
     decay: str = field(default="decoupled", metadata={"help": "decoupled | independent | l2"})
     bucket_size: int = field(default=2**23)
+    state_dtype: str | None = field(
+        default=None, metadata={"help": "storage of ShardedAdamW's Adam moments: fp32 | bf16 | int8 (block-wise "
+                                        "8-bit; params of < 4096 elements keep fp32); default: automatic (the "
+                                        "master's dtype, else the param's)", "choices": ["fp32", "bf16", "int8"]})
+    kahan_sum: bool = field(default=False, metadata={"help": "bf16/fp16 trainable params: a Kahan compensation "
+                                                             "buffer (2 bytes/param) instead of the fp32 master "
+                                                             "(4 bytes); sets --master_dtype none. No effect on "
+                                                             "fp32 params"})
+    master_dtype: str = field(default="auto", metadata={"help": "master weights of bf16/fp16 trainable params: "
+                                                               "auto (fp32, none with --kahan_sum) | fp32 | none",
+                                                       "choices": ["auto", "fp32", "none"]})
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters only (peft)"})
     lora_r: int = field(default=16)
     lora_alpha: int = field(default=32)
     lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj")
-    qlora: bool = field(default=False, metadata={"help": "4-bit base model (bitsandbytes, CUDA) + LoRA adapters"})
+    qlora: bool = field(default=False, metadata={"help": "4-bit NF4 base model (bitsandbytes; CUDA, or CPU: "
+                                                        "checked with bitsandbytes 0.50) + LoRA adapters. Loads "
+                                                        "--model_name_or_path 4-bit; without one, the small LLaMA "
+                                                        "of --config_name is built (seeded), saved to "
+                                                        "OUTPUT_DIR/qlora_base/ and loaded 4-bit from there"})
     wd_schedule: str = field(default="none", metadata={"help": "weight-decay schedule on top of the lr schedule: "
                                                               "none | linear | cosine (over max_steps)"})
     diagnostics: bool = field(default=True, metadata={"help": "log per-group param/grad norms, update/weight ratio "
@@ -119,21 +137,78 @@ class Blocks(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------- model
+QLORA_BASE_DIR = "qlora_base"  # under --output_dir: the default model, saved so that it can be loaded 4-bit
+
+
+def _dist_barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def save_default_base(margs: ModelArguments, targs) -> str:
+    """--qlora without --model_name_or_path: build the small LLaMA of --config_name (seed --seed: the same weights
+    on every rank and at every run, so a resumed run gets the base it was trained on), save it to
+    OUTPUT_DIR/qlora_base/ (the main process writes, the others wait) and return that directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = os.path.join(targs.output_dir, QLORA_BASE_DIR)
+    writer = targs.local_process_index == 0 if targs.save_on_each_node else targs.process_index == 0
+    if writer:
+        torch.manual_seed(targs.seed)
+        base = LlamaForCausalLM(LlamaConfig.from_json_file(margs.config_name))
+        base.save_pretrained(path, safe_serialization=True)
+        del base
+    _dist_barrier()
+    return path
+
+
+def qlora_dtypes(torch_dtype: str) -> tuple[torch.dtype | None, torch.dtype]:
+    """(LoRA adapter dtype or None for PEFT's default fp32, 4-bit compute dtype) for --torch_dtype with --qlora."""
+    return {"auto": (None, torch.bfloat16), "float32": (None, torch.float32),
+            "bfloat16": (torch.bfloat16, torch.bfloat16), "float16": (torch.float16, torch.float16)}[torch_dtype]
+
+
+def count_linear4bit(model) -> int:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
 def build_model(margs: ModelArguments, zargs: ZeroArguments, targs):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[margs.torch_dtype]
+    adapter_dtype = None
     if zargs.qlora:
-        if not torch.cuda.is_available():
-            raise SystemExit("--qlora needs CUDA (bitsandbytes 4-bit); use --lora on CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise SystemExit("--qlora needs bitsandbytes (pip install bitsandbytes); or use --lora") from e
+        from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig
 
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, quantization_config=quant)
-        from peft import prepare_model_for_kbit_training
+        adapter_dtype, compute = qlora_dtypes(margs.torch_dtype)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+        # every process holds the whole (4-bit) model on its own device: CUDA -- its local rank's GPU, as HF
+        # expects for data parallelism (not "auto", which would spread one model over the GPUs); CPU -- "cpu"
+        device_map = {"": targs.local_process_index} if torch.cuda.is_available() else "cpu"
+        path = margs.model_name_or_path or save_default_base(margs, targs)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map=device_map)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=targs.gradient_checkpointing)
+        if not torch.cuda.is_available():
+            # bitsandbytes' CPU inference path (AVX512-BF16 machines) repacks a Linear4bit's weight in place at its
+            # first no-grad forward in eval mode -- asserting out_features % 32 == 0 (the small LLaMA's 688 is
+            # not) -- and training forwards after it would get the repacked weight: keep the training layout
+            import bitsandbytes as bnb
 
-        model = prepare_model_for_kbit_training(model)
-        tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
+            for m in model.modules():
+                if isinstance(m, bnb.nn.Linear4bit):
+                    m.support_avx512bf16_for_cpu = False
+        tokenizer = AutoTokenizer.from_pretrained(path) if margs.model_name_or_path else ByteTokenizer()
     elif margs.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, torch_dtype=dtype or "auto")
         tokenizer = AutoTokenizer.from_pretrained(margs.model_name_or_path)
@@ -146,14 +221,87 @@ def build_model(margs: ModelArguments, zargs: ZeroArguments, targs):
     if zargs.lora or zargs.qlora:
         from peft import LoraConfig, get_peft_model
 
+        torch.manual_seed(targs.seed)  # the same adapters on every rank
         model = get_peft_model(model, LoraConfig(r=zargs.lora_r, lora_alpha=zargs.lora_alpha, lora_dropout=0.0,
-                                                 target_modules=zargs.lora_targets.split(","), task_type="CAUSAL_LM"))
+                                                 target_modules=zargs.lora_targets.split(","), task_type="CAUSAL_LM"),
+                               autocast_adapter_dtype=adapter_dtype is None)
+        if adapter_dtype is not None:  # --qlora --torch_dtype bfloat16: bf16 adapters (PEFT would upcast to fp32)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(adapter_dtype)
         if not any(p.requires_grad for p in model.parameters()):
             raise SystemExit("LoRA model has nothing trainable: check --lora_targets against the model's module names")
     return model, tokenizer
 
 
+def zeroadamw_precision(zargs: ZeroArguments, model) -> tuple[dict, list[str]]:
+    """ShardedAdamW's precision keywords from --state_dtype / --kahan_sum / --master_dtype, and notes to print.
+    --kahan_sum selects master_dtype=None (the compensation buffer replaces the master)."""
+    kw, notes = {}, []
+    if zargs.state_dtype is not None:
+        kw["state_dtype"] = zargs.state_dtype
+    if zargs.kahan_sum:
+        if zargs.master_dtype == "fp32":
+            raise SystemExit("--kahan_sum replaces the fp32 master by a compensation buffer: drop --master_dtype fp32 "
+                             "(--kahan_sum sets --master_dtype none)")
+        kw.update(kahan_sum=True, master_dtype=None)
+        low = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
+                      if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+        if not low:
+            notes.append("note: --kahan_sum applies to bf16/fp16 trainable params; these are all float32, so it "
+                         "changes nothing here (fp32 moments, no master, no compensation). For bf16 LoRA adapters "
+                         "pass --torch_dtype bfloat16")
+    elif zargs.master_dtype == "none":
+        kw["master_dtype"] = None
+    if zargs.state_dtype == "int8":
+        small = sum(p.numel() for p in model.parameters() if p.requires_grad and p.numel() < 4096)
+        if small:
+            total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            notes.append(f"note: --state_dtype int8 quantizes params of >= 4096 elements; {small:,} of the "
+                         f"{total:,} trainable elements are in smaller params, which keep fp32 moments")
+    return kw, notes
+
+
+def model_summary(model) -> dict:
+    """What was trained: trainable params by name and dtype, and the 4-bit layers (bitsandbytes Linear4bit)."""
+    trainable = {n: (list(p.shape), str(p.dtype).replace("torch.", "")) for n, p in model.named_parameters()
+                 if p.requires_grad}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable": trainable,
+        "linear4bit_layers": count_linear4bit(model),
+        "param_classes": sorted({type(p).__name__ for p in model.parameters()}),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- report
+def param_bytes(p: torch.Tensor) -> int:
+    """Bytes of a parameter; a bitsandbytes 4-bit one (packed uint8) with its quantization state (absmax, ...)."""
+    n = p.numel() * p.element_size()
+    qs = getattr(p, "quant_state", None)
+    if qs is not None:
+        for t in (getattr(qs, "absmax", None), getattr(getattr(qs, "state2", None), "absmax", None),
+                  getattr(qs, "code", None), getattr(getattr(qs, "state2", None), "code", None)):
+            if torch.is_tensor(t):
+                n += t.numel() * t.element_size()
+    return n
+
+
+def state_by_storage(opt) -> dict[str, dict[str, int]]:
+    """ShardedAdamW's state on this rank by moment storage ("fp32", "bf16", "int8", ...; "+kahan" / "+master"
+    where the weights keep a compensation / master): trainable elements of the buckets of that kind (whole model,
+    not the shard) and the state bytes this rank holds for them."""
+    out: dict[str, dict[str, int]] = {}
+    for b in opt.engine.buckets:
+        kind = b.moments if isinstance(b.moments, str) else str(b.moments).replace("torch.", "").replace("float", "fp")
+        kind += "+kahan" if b.kahan_comp is not None else "+master" if b.master is not None else ""
+        d = out.setdefault(kind, {"numel": 0, "bytes": 0})
+        d["numel"] += sum(p.numel() for p in b.params)
+        d["bytes"] += b.state_bytes()
+    return out
+
+
 def memory_report(trainer, model) -> list[dict]:
     """Per-rank bytes: params, grads (held at the step), optimizer state, peak; and torch AdamW's for comparison."""
     import torch.distributed as dist
@@ -165,8 +313,10 @@ def memory_report(trainer, model) -> list[dict]:
     trainable = [p for p in params if p.requires_grad]
     opt = find_sharded_optimizer(trainer.optimizer)
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    by_storage = None
     if opt is not None:
         state = opt.state_bytes()
+        by_storage = state_by_storage(opt)
         grads = opt.engine.peak_grad_bytes or sum(p.numel() * p.element_size() for p in trainable)
         if opt.stage == 1 and not opt.step_in_backward:
             grads = sum(p.numel() * p.element_size() for p in trainable)
@@ -175,7 +325,7 @@ def memory_report(trainer, model) -> list[dict]:
                     if torch.is_tensor(t) and k != "step")
         grads = sum(p.numel() * p.element_size() for p in trainable)
     row = {
-        "params": sum(p.numel() * p.element_size() for p in params),
+        "params": sum(param_bytes(p) for p in params),
         "grads": grads,
         "optimizer_state": state,
         "torch_adamw_state": sum(p.numel() for p in trainable) * 8 if trainable and trainable[0].dtype == torch.float32
@@ -184,6 +334,8 @@ def memory_report(trainer, model) -> list[dict]:
         "torch_grads": sum(p.numel() * p.element_size() for p in trainable) * (2 if dist.is_initialized() and dist.get_world_size() > 1 else 1),
         "peak": peak_memory_bytes(trainer.args.device) or 0,
     }
+    if by_storage is not None:
+        row["optimizer_state_by_storage"] = by_storage
     rows = [row]
     if dist.is_initialized() and dist.get_world_size() > 1:
         rows = [None] * dist.get_world_size()
@@ -200,6 +352,10 @@ def print_report(rows: list[dict], optimizer: str) -> None:
     for r, v in enumerate(rows):
         print(f"{r:4d} | {v['params'] / mib:7.2f} | {v['grads'] / mib:8.2f} / {v['torch_grads'] / mib:8.2f}  | "
               f"{v['optimizer_state'] / mib:12.2f} / {v['torch_adamw_state'] / mib:12.2f}   | {v['peak'] / mib:7.1f}")
+    by = rows[0].get("optimizer_state_by_storage")
+    if by and (len(by) > 1 or next(iter(by)) != "fp32"):
+        parts = [f"{k}: {d['numel']:,} elements, {d['bytes']:,} B" for k, d in by.items()]
+        print("optimizer state of rank 0 by moment storage: " + "; ".join(parts))
 
 
 def plot_losses(history: list[dict], path: str) -> bool:
@@ -269,8 +425,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     say(f"building model: {margs.model_name_or_path or os.path.relpath(margs.config_name)}")
     model, tokenizer = build_model(margs, zargs, targs)
-    say(f"  {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params "
-        f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.1f}M trainable)")
+    summary = model_summary(model)
+    say(f"  {summary['params'] / 1e6:.1f}M params ({summary['trainable_params'] / 1e6:.1f}M trainable)")
+    if zargs.qlora:
+        dtypes = sorted({d for _, d in summary["trainable"].values()})
+        say(f"  4-bit: {summary['linear4bit_layers']} bitsandbytes Linear4bit layers (NF4, compute "
+            f"{str(qlora_dtypes(margs.torch_dtype)[1]).replace('torch.', '')}); trainable: "
+            f"{len(summary['trainable'])} LoRA tensors ({', '.join(dtypes)})")
     say(f"tokenizing: dataset {dargs.dataset!r}")
     text = load_text(dargs.dataset, dargs.text_column)
     ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
@@ -283,12 +444,18 @@ def main(argv: list[str] | None = None) -> dict:
     if zargs.optimizer == "zeroadamw":
         kw = dict(stage=zargs.stage, step_in_backward=zargs.step_in_backward, rule=zargs.rule, decay=zargs.decay,
                   bucket_size=zargs.bucket_size)
+        precision, notes = zeroadamw_precision(zargs, model)
+        kw.update(precision)
+        for note in notes:
+            say(note)
         if zargs.wd_schedule != "none":
             if targs.max_steps <= 0:
                 raise ValueError("--wd_schedule needs --max_steps (the steps over which the decay goes to zero)")
             kw.update(wd_schedule=zargs.wd_schedule, wd_schedule_steps=targs.max_steps)
         trainer = ZeroTrainer(zeroadamw=kw, **common)
     else:
+        if zargs.state_dtype is not None or zargs.kahan_sum or zargs.master_dtype != "auto":
+            raise SystemExit("--state_dtype / --kahan_sum / --master_dtype are options of --optimizer zeroadamw")
         targs.optim = zargs.optimizer
         trainer = Trainer(**common)
     diag_cb = None
@@ -300,6 +467,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     reset_peak_memory(targs.device)
     opt_name = (f"ShardedAdamW stage {zargs.stage}" + (", step in backward" if zargs.step_in_backward else "")
+                + (f", {zargs.state_dtype} moments" if zargs.state_dtype else "")
+                + (", Kahan summation" if zargs.kahan_sum else "")
                 if zargs.optimizer == "zeroadamw" else zargs.optimizer)
     say(f"training on {targs.world_size} process(es) ({targs.device.type}"
         + (", gloo" if targs.world_size > 1 and targs.device.type == "cpu" else "") + f"), {opt_name}, "
@@ -339,6 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(out, "memory.json"), "w") as f:
             json.dump(rows, f, indent=1)
         wrote.append(("memory.json", "the per-rank memory table above"))
+        with open(os.path.join(out, "model.json"), "w") as f:
+            json.dump(dict(summary, qlora=zargs.qlora, lora=zargs.lora or zargs.qlora), f, indent=1)
+        wrote.append(("model.json", "trainable params (name: shape, dtype) and the 4-bit layers"))
         print(f"\nwrote, in {os.path.abspath(out)}/:")
         width = max(len(os.path.join(out, n)) for n, _ in wrote)
         for name, what in wrote:

@@ -42,6 +42,27 @@ def test_quantize_matches_the_brute_force_reference(numel):
         assert err.max() < 0.08, err.max()
 
 
+def test_lookup_quantizer_is_exactly_the_nearest_midpoint_search():
+    """The table lookup (top 17 float bits, one compare) gives torch.bucketize's code for every value, including
+    the midpoints themselves, their float neighbours, the map values, +-0, +-1, tiny and denormal values."""
+    for signed in (True, False):
+        qmap = quant.dynamic_map(signed)
+        mids = (qmap[1:] + qmap[:-1]) / 2
+        special = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0)),
+                             qmap, torch.tensor([0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 1e-40, 5e-8, -5e-8])])
+        y = torch.cat([special, torch.rand(50_000) * 2 - 1 if signed else torch.rand(50_000),
+                       torch.logspace(-12, 0, 4000) * (1 if not signed else torch.sign(torch.randn(4000)))])
+        y = y[: y.numel() // quant.BLOCK * quant.BLOCK]
+        if not signed:
+            y = y.abs()
+        y = y.clamp(-1, 1)
+        blocks = y.view(-1, quant.BLOCK).clone()
+        blocks[:, 0] = 1.0  # absmax 1 in every block: the normalized values are the values themselves
+        codes = torch.empty(blocks.numel(), dtype=torch.uint8)
+        quant.quantize(blocks.view(-1), codes, torch.empty(blocks.shape[0]), signed)
+        assert torch.equal(codes.long(), torch.bucketize(blocks.view(-1), mids)), signed
+
+
 # --------------------------------------------------------------------------- one process: bit for bit
 
 
