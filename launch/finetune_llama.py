@@ -262,6 +262,24 @@ def zeroadamw_precision(zargs: ZeroArguments, model) -> tuple[dict, list[str]]:
     return kw, notes
 
 
+def keeping_trainable_dtypes(trainer_cls, model):
+    """``trainer_cls`` whose resume keeps the trainable params' dtypes: Trainer reloads PEFT adapters with
+    ``load_adapter``, which upcasts them to fp32 (``autocast_adapter_dtype``) -- a --torch_dtype bfloat16 run
+    would resume with fp32 adapters (and its Kahan / master state converted to fp32's). Cast back, before the
+    optimizer is built."""
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+
+    class Trainer(trainer_cls):
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+            for n, p in (self.model if model is None else model).named_parameters():
+                if n in dtypes and p.dtype != dtypes[n]:
+                    p.data = p.data.to(dtypes[n])
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
+
+
 def model_summary(model) -> dict:
     """What was trained: trainable params by name and dtype, and the 4-bit layers (bitsandbytes Linear4bit)."""
     trainable = {n: (list(p.shape), str(p.dtype).replace("torch.", "")) for n, p in model.named_parameters()
@@ -452,12 +470,12 @@ def main(argv: list[str] | None = None) -> dict:
             if targs.max_steps <= 0:
                 raise ValueError("--wd_schedule needs --max_steps (the steps over which the decay goes to zero)")
             kw.update(wd_schedule=zargs.wd_schedule, wd_schedule_steps=targs.max_steps)
-        trainer = ZeroTrainer(zeroadamw=kw, **common)
+        trainer = keeping_trainable_dtypes(ZeroTrainer, model)(zeroadamw=kw, **common)
     else:
         if zargs.state_dtype is not None or zargs.kahan_sum or zargs.master_dtype != "auto":
             raise SystemExit("--state_dtype / --kahan_sum / --master_dtype are options of --optimizer zeroadamw")
         targs.optim = zargs.optimizer
-        trainer = Trainer(**common)
+        trainer = keeping_trainable_dtypes(Trainer, model)(**common)
     diag_cb = None
     if zargs.diagnostics:
         from zeroadamw.diagnostics import attach
@@ -518,5 +536,17 @@ def main(argv: list[str] | None = None) -> dict:
     return {"train_loss": result.training_loss, **metrics, "memory": rows}
 
 
+def shutdown() -> None:
+    """End of a launched run: every rank waits for the others, then the process group is destroyed -- a process
+    that exits with a live gloo group can abort in its static destructors ("terminate called without an active
+    exception", seen once in a dozen 2-process --qlora runs)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    shutdown()

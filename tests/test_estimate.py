@@ -216,7 +216,8 @@ def test_errors_name_the_fix(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps(TINY))
     assert E.load_model(str(tmp_path / "hf")).numel == TINY_PSI
-    with pytest.raises(ValueError, match=r"unknown model 'nope'.*available: sized, tiny\. .*7e9"):
+    with pytest.raises(ValueError, match=r"unknown model 'nope'.*available: sized, tiny\. Built-in presets: "
+                                         r"llama-7b, .*7e9"):
         E.load_model("nope", configs_dir=str(tmp_path))
     with pytest.raises(ValueError, match="does not exist"):
         E.load_model(str(tmp_path / "missing.json"))
@@ -430,3 +431,215 @@ def test_against_live_measurements_ranks(world_size):
     results = run_ranks(measure, world_size, cfgs, timeout=600)
     for rank, res in enumerate(results):
         _compare(cfgs, res, world_size, f"rank {rank}")
+
+
+# ------------------------------------------------------------------------------ storage of the optimizer state
+# A tiny Llama with tensors on both sides of quant.MIN_QUANTIZED_NUMEL (4096): embed / lm_head 250 x 64 = 16000,
+# q / o 64 x 64 = 4096 (exactly the threshold: int8), gate / up / down 90 x 64 = 5760 (int8, not a multiple of a
+# 256-element block: gaps), k / v 32 x 64 = 2048 and the norms (64) under it (fp32 moments).
+TINY_Q = dict(model_type="llama", vocab_size=250, hidden_size=64, intermediate_size=90, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+# (state_dtype, kahan, param dtype): every storage the estimate models
+PRECISION_MODES = [(sd, k, "bf16") for k in (False, True) for sd in ("fp32", "bf16", "int8")] + \
+                  [(sd, False, "fp32") for sd in ("fp32", "bf16", "int8")]
+PER_ELEMENT = {("fp32", False): 12, ("bf16", False): 8, ("int8", False): 6 + 8 / 256,
+               ("fp32", True): 10, ("bf16", True): 6, ("int8", True): 4 + 8 / 256}  # bf16 params, both columns
+
+
+def _opt_kwargs(state_dtype, kahan):
+    return dict(state_dtype=state_dtype, **(dict(master_dtype=None, kahan_sum=True) if kahan else {}))
+
+
+def _tiny_hf_llama(dtype):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(**{k: v for k, v in TINY_Q.items() if k != "model_type"})
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+@pytest.mark.parametrize("state_dtype,kahan,dtype", PRECISION_MODES)
+@pytest.mark.parametrize("method", ["stage2", "step_in_backward"])
+def test_state_bytes_equal_sharded_adamw_on_a_real_llama(state_dtype, kahan, dtype, method):
+    """One process, a real LlamaForCausalLM: the estimate's optimizer state + master/compensation bytes are
+    ShardedAdamW(...).state_bytes() to the byte (codes, scales, compensation, the block padding), and its buckets
+    are the optimizer's (elements with the int8 gaps, moment storage)."""
+    model = _tiny_hf_llama(dtype)
+    spec = E.spec_from_module(model)
+    assert spec.tensors == E.spec_from_config(TINY_Q).tensors
+    bucket = 12000
+    opt = ShardedAdamW(model.parameters(), lr=1e-3, bucket_size=bucket, step_in_backward=method != "stage2",
+                       **_opt_kwargs(state_dtype, kahan))
+    opt._init_state()
+    e = E.estimate(spec, 1, dtype, bucket_size=bucket, methods=[method], state_dtype=state_dtype, kahan=kahan)[0]
+    assert e.optimizer_state + e.master == opt.state_bytes()
+    assert (e.state_dtype, e.kahan) == (state_dtype, kahan)
+    b = E._Buckets(spec.sizes(bucket), bucket, state_dtype)
+    assert b.numels == [x.layout.numel for x in opt.engine.buckets]
+    assert b.shards(1) == [x.layout.shard for x in opt.engine.buckets]
+    kinds = ["int8" if x.moments == "int8" else "bf16" if x.moments == torch.bfloat16 else "fp32"
+             for x in opt.engine.buckets]
+    assert b.kinds == kinds
+    if state_dtype == "int8":
+        assert set(kinds) == {"int8", "fp32"} and any(a > 1 for a in b.aligns)  # both kinds, block alignment
+        small = [n for n in spec.sizes(bucket) if n < 4096]
+        note = next(n for n in e.notes if n.startswith("int8 moments"))
+        assert f"here {len(small)} tensors, {sum(small):,} elements" in note
+    opt.engine.remove_hooks()
+
+
+def test_lora_stage2_state_bytes_equal_sharded_adamw():
+    """LoRA r=4 on q/k/v/o of the tiny Llama: lora_A [4, 64] (256 elements) and lora_B [64|32, 4] stay fp32
+    under int8 -- the estimate says so and counts what ShardedAdamW over those adapters holds."""
+    spec = E.spec_from_config(TINY_Q)
+    adapters = E._lora_tensors(spec, 4, E.DEFAULT_LORA_TARGETS)
+    for sd, kahan in ((sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")):
+        params = [nn.Parameter(torch.zeros(shape, dtype=torch.bfloat16)) for _, shape in adapters]
+        opt = ShardedAdamW(params, lr=1e-3, bucket_size=1000, **_opt_kwargs(sd, kahan))
+        opt._init_state()
+        e = E.estimate(spec, 1, "bf16", bucket_size=1000, lora_rank=4, methods=["lora_stage2"], state_dtype=sd,
+                       kahan=kahan)[0]
+        assert e.optimizer_state + e.master == opt.state_bytes(), (sd, kahan)
+        if sd == "int8":  # every adapter is under 4096 elements: int8 changes nothing
+            assert e.optimizer_state == 8 * sum(math.prod(s) for _, s in adapters)
+            assert f"here {len(adapters)} tensors" in " ".join(e.notes)
+
+
+def precision_state_bytes(rank, world, shapes, bucket, modes):
+    """state_bytes() of ShardedAdamW over params of ``shapes`` (bf16) on this rank, for each (state_dtype, kahan)."""
+    out = []
+    for sd, kahan in modes:
+        params = [nn.Parameter(torch.zeros(s, dtype=torch.bfloat16)) for s in shapes]
+        opt = ShardedAdamW(params, lr=1e-3, bucket_size=bucket, **_opt_kwargs(sd, kahan))
+        opt._init_state()
+        out.append(opt.state_bytes())
+        opt.engine.remove_hooks()
+    return out
+
+
+@pytest.mark.dist
+def test_state_bytes_equal_sharded_adamw_on_three_ranks():
+    """N = 3: shards cut inside params and on 256-element blocks (int8): every rank holds what the estimate says."""
+    spec = E.spec_from_config(TINY_Q)
+    modes = [(sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")]
+    got = run_ranks(precision_state_bytes, 3, [s for _, s in spec.tensors], 7000, modes)
+    for i, (sd, kahan) in enumerate(modes):
+        e = E.estimate(spec, 3, "bf16", bucket_size=7000, methods=["stage2"], state_dtype=sd, kahan=kahan)[0]
+        assert [r[i] for r in got] == [e.optimizer_state + e.master] * 3, (sd, kahan)
+
+
+@pytest.mark.parametrize("n", [1, 8])
+def test_state_bytes_per_element_follow_the_table(n):
+    """One large tensor (no padding at N = 1 or 8): optimizer state + master per element x N is the documented
+    12 / 8 / 6.03 / 10 / 6 / 4.03 bytes; fp32 params have no master (8 / 4 / 2.03)."""
+    numel = 2**20
+    spec = E.ModelSpec("one", [("w", (1024, 1024))])
+    for (sd, kahan), per in PER_ELEMENT.items():
+        e = E.estimate(spec, n, "bf16", bucket_size=numel, methods=["stage2"], state_dtype=sd, kahan=kahan)[0]
+        assert (e.optimizer_state + e.master) * n == per * numel, (sd, kahan)
+        assert e.master * n == (2 if kahan else 4) * numel
+    for sd, per in (("fp32", 8), ("bf16", 4), ("int8", 2 + 8 / 256)):
+        e = E.estimate(spec, n, "fp32", bucket_size=numel, methods=["stage2"], state_dtype=sd)[0]
+        assert (e.optimizer_state * n, e.master) == (per * numel, 0)
+
+
+def test_state_options_leave_torch_and_deepspeed_rows_alone():
+    spec = E.spec_from_config(TINY_Q)
+    base = by_method(E.estimate(spec, 2, "bf16", bucket_size=5000))
+    est = by_method(E.estimate(spec, 2, "bf16", bucket_size=5000, state_dtype="int8", kahan=True))
+    for m in ("ddp_adamw", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "lora"):
+        assert est[m].record() == base[m].record(), m
+        assert "[" not in est[m].label
+    for m in E.ZERO_METHODS:
+        assert est[m].label.endswith(" [int8 moments + Kahan]") and est[m].kahan and est[m].state_dtype == "int8"
+        # bf16 compensation instead of the fp32 master, over S with the int8 blocks' padding (N = 2: a few %)
+        assert base[m].master / 2 <= est[m].master < 0.55 * base[m].master, m
+        if m == "lora_stage2":  # r=8 adapters of a 64-wide model: all under 4096 elements, fp32 moments
+            assert est[m].optimizer_state == base[m].optimizer_state
+        else:
+            assert est[m].optimizer_state < base[m].optimizer_state / 2, m
+        assert est[m].params == base[m].params
+    assert est["ddp_adamw"].state_dtype == "bf16"  # torch AdamW on bf16 params: bf16 moments
+
+
+def test_precision_table_six_storages_side_by_side():
+    spec = E.spec_from_config(TINY_Q)
+    rows = E.precision_estimates(spec, 2, "bf16", "step_in_backward", bucket_size=5000)
+    assert [r.label for r in rows] == [E.precision_label(sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")]
+    assert rows[0].label == "fp32 moments + fp32 master" and rows[-1].label == "int8 moments + Kahan (no master)"
+    for r, (sd, k) in zip(rows, [(sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")]):
+        e = E.estimate(spec, 2, "bf16", bucket_size=5000, methods=["step_in_backward"], state_dtype=sd, kahan=k)[0]
+        assert (r.optimizer_state, r.master, r.grads, r.params) == (e.optimizer_state, e.master, e.grads, e.params)
+    assert [r.label for r in E.precision_estimates(spec, 1, "fp32", "stage2")] == [
+        "fp32 moments", "bf16 moments", "int8 moments"]  # fp32 params: no master, no Kahan
+    assert E.default_precision_method(None) == "step_in_backward"
+    assert E.default_precision_method(["ddp_adamw", "stage2", "stage1"]) == "stage2"
+    assert E.default_precision_method(["ddp_adamw", "deepspeed_zero3"]) is None
+    with pytest.raises(ValueError, match="--precision-method with one of them"):
+        E.precision_estimates(spec, 1, "bf16", "ddp_adamw")
+
+
+def test_bad_state_options_name_the_fix():
+    spec = E.spec_from_config(TINY_Q)
+    with pytest.raises(ValueError, match=r"state dtype must be one of fp32, bf16, int8 \(--state-dtype\)"):
+        E.estimate(spec, 1, state_dtype="int4")
+    with pytest.raises(TypeError, match="kahan must be True or False"):
+        E.estimate(spec, 1, kahan=1)
+    with pytest.raises(ValueError, match="use --dtype bf16, or drop --kahan"):
+        E.estimate(spec, 1, "fp32", kahan=True)
+
+
+def test_llama_7b_preset_headline():
+    """The README's numbers: a full LLaMA-7B fine-tune, step in backward, int8 moments + Kahan bf16 weights. Its
+    norms have exactly 4096 elements, so every tensor is quantized: 4.03 B per element over the shard."""
+    spec = E.load_model("llama-7b")
+    assert spec.numel == 6_738_415_616 and E.load_model("llama-3-8b").numel == 8_030_261_248
+    assert E.load_model("llama-2-13b").numel == 13_015_864_320
+    for n, fits in ((1, [40, 80]), (8, [24, 40, 80])):
+        e = E.estimate(spec, n, "bf16", methods=["step_in_backward"], state_dtype="int8", kahan=True)[0]
+        b = E._Buckets(spec.sizes(E.DEFAULT_BUCKET_SIZE), E.DEFAULT_BUCKET_SIZE, "int8")
+        assert set(b.kinds) == {"int8"}
+        S = b.owned(n)
+        assert e.optimizer_state == 2 * S + S // 32 and e.master == 2 * S
+        assert S == pytest.approx(spec.numel / n, rel=1e-4)  # block padding is negligible
+        assert e.params == 2 * spec.numel
+        assert e.fits_on() == fits
+        full = E.estimate(spec, n, "bf16", methods=["step_in_backward"])[0]  # fp32 moments + master
+        S32 = E._Buckets(spec.sizes(E.DEFAULT_BUCKET_SIZE), E.DEFAULT_BUCKET_SIZE).owned(n)
+        assert (full.optimizer_state, full.master) == (8 * S32, 4 * S32)
+        assert (full.optimizer_state + full.master) / (e.optimizer_state + e.master) == pytest.approx(12 / 4.03125,
+                                                                                                      rel=1e-4)
+
+
+def test_cli_state_dtype_kahan_and_fits(capsys):
+    argv = ["llama-7b", "--methods", "step_in_backward", "--state-dtype", "int8", "--kahan"]
+    for n, fits in (("1", "40,80 (+"), ("8", "24,40,80 (+")):
+        rc, out, _ = _cli(argv + ["--world-size", n], capsys)
+        assert rc == 0
+        lines = out.splitlines()
+        row = next(ln for ln in lines if ln.startswith("zeroadamw step in backward [int8 moments + Kahan]"))
+        e = E.estimate(E.load_model("llama-7b"), int(n), "bf16", methods=["step_in_backward"], state_dtype="int8",
+                       kahan=True)[0]
+        assert f"{e.total / 2**30:.2f}" in row and fits in row
+        assert "fits on (GB)" in out and "by storage of the optimizer state" in out
+        table = [ln for ln in lines if ln.startswith(("fp32 moments", "bf16 moments", "int8 moments"))]
+        assert len(table) == 6 and table[-1].startswith("int8 moments + Kahan (no master)")
+        assert f"{e.total / 2**30:.2f}" in table[-1]
+    rc, out, _ = _cli(argv + ["--precision-method", "none"], capsys)
+    assert rc == 0 and "by storage" not in out
+    rc, out, _ = _cli(["llama-tiny", "--methods", "ddp_adamw,stage2"], capsys)
+    assert rc == 0 and "zeroadamw stage 2, by storage" in out  # the first zeroadamw method selected
+    rc, out, _ = _cli(["llama-7b", "--world-size", "8", "--json", "--state-dtype", "bf16", "--methods",
+                       "ddp_adamw,stage2"], capsys)
+    recs = {r["method"]: r for r in json.loads(out)}
+    assert recs["stage2"]["state_dtype"] == "bf16" and recs["stage2"]["kahan"] is False
+    for r in recs.values():  # a card fits when the total leaves at least 1 GiB of it
+        total = r["bytes_per_rank"]["total"]
+        assert r["fits_on_gb"] == [g for g in (24, 40, 80) if total <= (g - 1) * 2**30]
+        assert r["headroom_gib"] == {str(g): pytest.approx(g - 1 - total / 2**30, abs=1e-3) for g in (24, 40, 80)}
+    assert recs["ddp_adamw"]["fits_on_gb"] == [80] and recs["stage2"]["fits_on_gb"] == [24, 40, 80]
+    rc, _, err = _cli(["llama-7b", "--dtype", "fp32", "--kahan"], capsys)
+    assert rc == 2 and "drop --kahan" in err
+    rc, _, err = _cli(["llama-7b", "--precision-method", "ddp_adamw"], capsys)
+    assert rc == 2 and "--precision-method" in err
+    with pytest.raises(SystemExit):
+        _cli(["llama-7b", "--state-dtype", "int4"], capsys)

@@ -1,11 +1,15 @@
 r"""``zeroadamw estimate``: per-rank bytes of params / gradients / optimizer state / master weights.
 
     zeroadamw estimate MODEL --world-size N --dtype {fp32,bf16} [--json]
+                       [--state-dtype {fp32,bf16,int8}] [--kahan] [--precision-method METHOD|none]
                        [--bucket-size 8388608] [--lora-rank 8] [--lora-targets q_proj,k_proj,v_proj,o_proj]
                        [--methods ddp_adamw,stage2,...] [--configs-dir DIR]
 
+    zeroadamw estimate llama-7b --world-size 8 --methods step_in_backward --state-dtype int8 --kahan
+
 ``MODEL`` is a Hugging Face ``config.json`` (or the directory holding it), the name of ``configs/<name>.json``,
-or a parameter count (``7e9``, ``7B``, ``1.3B``, ``350M``, ``1300000000``). Configs give the exact per-tensor
+a built-in preset (:data:`PRESETS`: ``llama-7b``, ``llama-2-7b``, ``llama-2-13b``, ``llama-3-8b``), or a
+parameter count (``7e9``, ``7B``, ``1.3B``, ``350M``, ``1300000000``). Configs give the exact per-tensor
 breakdown (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, in Hugging Face's parameter order), which sets the
 bucket layout, the largest gradient and the rows SparseAdamW counts; a bare count is split into synthetic
 tensors of one bucket each.
@@ -39,6 +43,19 @@ such window is taken. "N buckets" likewise means the largest window of N neighbo
 autograd is producing at a given moment (at most the largest tensor) is transient and not counted, as in the
 engine's own counter ``GradEngine.peak_grad_bytes`` that tests/test_estimate.py compares with. Activations are
 not estimated. See docs/estimate.md for the measured errors.
+
+Storage of the state (the zeroadamw rows, :data:`ZERO_METHODS`): ``8S`` / ``4S`` above are fp32 moments and the
+fp32 master. ``--state-dtype`` (ShardedAdamW's ``state_dtype``) stores the moments in bf16 (``4S``) or int8
+(``2S + 8S/256``: a byte per element per moment and an fp32 scale per 256-element block; tensors under
+``quant.MIN_QUANTIZED_NUMEL`` = 4096 elements keep fp32 moments in buckets of their own, and int8 buckets start
+every tensor on a block and cut shards on blocks, which ``S`` includes). ``--kahan`` (bf16 params only:
+``master_dtype=None, kahan_sum=True``) replaces the master by a bf16 compensation: the master column is then
+``2S``. Per element, both columns: 12 (fp32 moments + master), 8 (bf16 + master), 6.03 (int8 + master), 10 (fp32
++ Kahan), 6 (bf16 + Kahan), 4.03 (int8 + Kahan); tests/test_estimate.py checks them against
+``ShardedAdamW.state_bytes()``. torch AdamW and DeepSpeed rows keep their own storage. Below the table of
+methods, one zeroadamw method (``--precision-method``) is shown under each of these six storages. "fits on":
+the GPUs of :data:`GPU_SIZES_GB` GB (about as many GiB) whose memory less :data:`GPU_RESERVE_GIB` holds the
+total; the activations need the rest.
 """
 
 from __future__ import annotations
@@ -55,14 +72,20 @@ from pathlib import Path
 
 from .layout import plan_buckets
 from .options import auto_bucket_size
+from .quant import BLOCK, MIN_QUANTIZED_NUMEL
 from .sharded_adamw import DEFAULT_BUCKET_SIZE
+from .storage import STATE_DTYPES
 
 __all__ = [
-    "METHODS", "DEFAULT_LORA_TARGETS", "ModelSpec", "Estimate", "parse_count", "load_model", "spec_from_config",
-    "spec_from_module", "estimate", "format_table", "add_arguments", "run",
+    "METHODS", "ZERO_METHODS", "PRESETS", "DEFAULT_LORA_TARGETS", "GPU_SIZES_GB", "ModelSpec", "Estimate",
+    "parse_count", "load_model", "spec_from_config", "spec_from_module", "estimate", "precision_estimates",
+    "precision_label", "default_precision_method", "format_table", "add_arguments", "run",
 ]
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+MOMENT_BYTES = {"fp32": 8, "bf16": 4}  # exp_avg + exp_avg_sq per element; int8: 2 + 8 / BLOCK (codes + scales)
+GPU_SIZES_GB = (24, 40, 80)  # the "fits on" column
+GPU_RESERVE_GIB = 1.0  # kept free on each card for the CUDA context and the allocator
 ACC_BYTES = 4  # zeroadamw's reduced gradient shard: fp32 (the master dtype for bf16, the param dtype for fp32)
 MAX_SYNTHETIC_BUCKETS = 2_000_000  # a bare count is split into this many synthetic tensors at most
 IN_FLIGHT = 3  # GradEngine.max_inflight (2) reductions in flight + the bucket being filled
@@ -80,6 +103,18 @@ METHODS = {
     "lora": "LoRA r={r} + DDP + torch AdamW",
     "lora_stage2": "LoRA r={r} + zeroadamw stage 2",
 }
+ZERO_METHODS = ("stage1", "stage2", "step_in_backward", "step_in_backward_clip", "sparse_adamw", "lora_stage2")
+"""The rows --state-dtype / --kahan apply to (ShardedAdamW / SparseAdamW); torch AdamW and DeepSpeed keep theirs."""
+_LLAMA = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+PRESETS = {
+    "llama-7b": _LLAMA,  # LLaMA-1 7B and Llama-2-7B: 6,738,415,616 params
+    "llama-2-7b": _LLAMA,
+    "llama-2-13b": dict(_LLAMA, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                        num_attention_heads=40, num_key_value_heads=40),  # 13,015,864,320
+    "llama-3-8b": dict(_LLAMA, vocab_size=128256, intermediate_size=14336, num_key_value_heads=8),  # 8,030,261,248
+}
+"""Built-in model configs (the shapes of the Hugging Face ``config.json``), found by name after ``configs/``."""
 _COUNT = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
@@ -281,7 +316,7 @@ def _spec_from_json(cfg, name: str) -> ModelSpec:
 def load_model(text: str, configs_dir: str | None = None) -> ModelSpec:
     """``MODEL`` of the command line -> :class:`ModelSpec`: a parameter count, a config path (file or directory
     with ``config.json``), or a name looked up as ``<configs dir>/<name>.json`` (``./configs`` and the
-    repository's ``configs/`` unless ``configs_dir`` is given)."""
+    repository's ``configs/`` unless ``configs_dir`` is given), then in :data:`PRESETS` (``llama-7b``, ...)."""
     n = parse_count(text)
     if n is not None:
         return ModelSpec(text.strip(), [], count_only=n)
@@ -300,17 +335,22 @@ def load_model(text: str, configs_dir: str | None = None) -> ModelSpec:
         candidate = d / f"{text}.json"
         if candidate.is_file():
             return _spec_from_json(_read_config(candidate), text)
+    if text.lower() in PRESETS:
+        return spec_from_config(PRESETS[text.lower()], name=text)
     known = _named_configs(dirs)
     raise ValueError(
         f"unknown model {text!r}: not a parameter count, not a file, and no {text}.json in "
         f"{', '.join(str(d) for d in dirs)}. Named configs available: {', '.join(known) if known else 'none'}. "
-        "Pass a Hugging Face config.json path, a name from that list, or a count like 7e9 / 7B / 1300000000")
+        f"Built-in presets: {', '.join(PRESETS)}. "
+        "Pass a Hugging Face config.json path, a name from those lists, or a count like 7e9 / 7B / 1300000000")
 
 
 # ------------------------------------------------------------------------------------------------- estimate
 @dataclass
 class Estimate:
-    """Per-rank bytes of one method."""
+    """Per-rank bytes of one method. ``master``: the fp32 master weights, or with ``kahan`` the bf16 Kahan
+    compensation that replaces them; ``state_dtype``: how the Adam moments are stored (``"bf16"`` for torch
+    AdamW on bf16 params)."""
 
     method: str
     label: str
@@ -320,29 +360,71 @@ class Estimate:
     master: int
     trainable: int
     notes: list[str] = field(default_factory=list)
+    state_dtype: str = "fp32"
+    kahan: bool = False
 
     @property
     def total(self) -> int:
         return self.params + self.grads + self.optimizer_state + self.master
 
+    def fits_on(self) -> list[int]:
+        """The sizes of :data:`GPU_SIZES_GB` this total fits on, :data:`GPU_RESERVE_GIB` kept free on each."""
+        return [g for g in GPU_SIZES_GB if self.total <= (g - GPU_RESERVE_GIB) * 2**30]
+
     def record(self) -> dict:
         return {"method": self.method, "label": self.label, "trainable_params": self.trainable,
+                "state_dtype": self.state_dtype, "kahan": self.kahan,
                 "bytes_per_rank": {"params": self.params, "grads": self.grads,
                                    "optimizer_state": self.optimizer_state, "master": self.master,
                                    "total": self.total},
+                "fits_on_gb": self.fits_on(),
+                "headroom_gib": {str(g): round(g - GPU_RESERVE_GIB - self.total / 2**30, 3) for g in GPU_SIZES_GB},
                 "notes": list(self.notes)}
 
 
-class _Buckets:
-    """Real element counts of the buckets ShardedAdamW would build for tensors of ``sizes`` (one group)."""
+def _moments_of(numel: int, state_dtype: str) -> str:
+    """How ShardedAdamW stores one tensor's moments: int8 only from ``quant.MIN_QUANTIZED_NUMEL`` elements on."""
+    return "fp32" if state_dtype == "int8" and numel < MIN_QUANTIZED_NUMEL else state_dtype
 
-    def __init__(self, sizes: list[int], bucket_size: int) -> None:
-        rev = sizes[::-1]  # reverse registration order ~ backward order, as ShardedAdamW packs them
-        self.numels = [sum(rev[i] for i in idx) for idx in plan_buckets(rev, bucket_size)] if rev else []
+
+class _Buckets:
+    """The buckets ShardedAdamW would build for tensors of ``sizes`` (one group, one dtype): element counts (int8
+    buckets start each tensor on a 256-element block: the gaps are included), how each stores its moments, and
+    the shard alignment (int8 buckets cut shards on blocks). As :func:`zeroadamw.buckets.dense_buckets`: int8
+    buckets for the tensors of at least ``MIN_QUANTIZED_NUMEL`` elements, fp32-moment buckets for the rest."""
+
+    def __init__(self, sizes: list[int], bucket_size: int, state_dtype: str = "fp32") -> None:
+        kinds: dict[str, list[int]] = {}  # one list per kind, in first-seen order
+        for s in sizes[::-1]:  # reverse registration order ~ backward order, as ShardedAdamW packs them
+            kinds.setdefault(_moments_of(s, state_dtype), []).append(s)
+        self.numels: list[int] = []
+        self.aligns: list[int] = []
+        self.kinds: list[str] = []
+        for kind, ss in kinds.items():
+            align = BLOCK if kind == "int8" else 1
+            for idx in plan_buckets(ss, bucket_size):
+                end = 0
+                for i in idx:
+                    end = -(-end // align) * align + ss[i]
+                self.numels.append(end)
+                self.aligns.append(align)
+                self.kinds.append(kind)
+
+    def shards(self, n: int) -> list[int]:
+        """Each bucket's shard, the elements every rank owns (padding included), as ``BucketLayout.shard``."""
+        return [-(-b // (n * a)) * a for b, a in zip(self.numels, self.aligns)]
 
     def owned(self, n: int) -> int:
         """Elements this rank owns over all buckets (with padding): S."""
-        return sum(-(-b // n) for b in self.numels)
+        return sum(self.shards(n))
+
+    def state(self, n: int, weight_bytes: int) -> tuple[int, int]:
+        """Per rank, what ``Bucket.state_bytes`` sums: (both moments -- fp32 8, bf16 4, int8 1 + 1 byte and a
+        4-byte scale per 256 elements each; the master or Kahan compensation, ``weight_bytes`` per element)."""
+        moments = 0
+        for s, kind in zip(self.shards(n), self.kinds):
+            moments += 2 * s + 2 * 4 * (s // BLOCK) if kind == "int8" else MOMENT_BYTES[kind] * s
+        return moments, weight_bytes * self.owned(n)
 
     @staticmethod
     def _window(values: list[int], k: int) -> int:
@@ -355,11 +437,11 @@ class _Buckets:
 
     def in_flight(self, n: int, p: int, k: int = IN_FLIGHT) -> int:
         """``k`` neighbouring buckets still full-size: ``p·padded - 4·shard`` each over the reduced shard."""
-        return self._window([max(0, (p * n - ACC_BYTES) * -(-b // n)) for b in self.numels], k)
+        return self._window([max(0, (p * n - ACC_BYTES) * s) for s in self.shards(n)], k)
 
     def full(self, n: int, p: int, k: int) -> int:
         """``k`` neighbouring full-size (padded) buckets of ``p`` bytes per element."""
-        return self._window([p * -(-b // n) * n for b in self.numels], k)
+        return self._window([p * s * n for s in self.shards(n)], k)
 
 
 def _lora_tensors(spec: ModelSpec, rank: int, targets) -> list[tuple[str, tuple[int, ...]]]:
@@ -378,14 +460,83 @@ def _sharded_grads(b: _Buckets, n: int, p: int, psi: int) -> int:
     return p * psi if n == 1 else ACC_BYTES * b.owned(n) + b.in_flight(n, p)
 
 
-def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_size: int | None = None,
-             lora_rank: int = 8, lora_targets=DEFAULT_LORA_TARGETS, methods=None) -> list[Estimate]:
-    """Per-rank bytes for each of ``methods`` (default: all of :data:`METHODS`; LoRA is left out for a bare
-    parameter count, which has no layer shapes)."""
+def precision_label(state_dtype: str, kahan: bool, dtype: str = "bf16") -> str:
+    """``"int8 moments + Kahan (no master)"``, ``"fp32 moments + fp32 master"``, ...: one row of the precision
+    table."""
+    weights = " + Kahan (no master)" if kahan else " + fp32 master" if dtype == "bf16" else ""
+    return f"{state_dtype} moments{weights}"
+
+
+@dataclass
+class _Setup:
+    """The checked arguments of :func:`estimate` and what every row derives from them."""
+
+    spec: ModelSpec
+    n: int
+    dtype: str
+    state_dtype: str
+    kahan: bool
+    bucket_size: int
+    explicit_bucket: bool
+    lora_rank: int
+    lora_targets: tuple
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def p(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def mixed(self) -> bool:
+        return self.dtype == "bf16"
+
+    @property
+    def weight_bytes(self) -> int:
+        """Per owned element: the bf16 Kahan compensation (2), the fp32 master of bf16 params (4), or none."""
+        return self.p if self.kahan else ACC_BYTES if self.mixed else 0
+
+    @property
+    def psi(self) -> int:
+        return sum(self.sizes)
+
+    def buckets(self, sizes: list[int] | None = None) -> _Buckets:
+        if sizes is None:
+            return _Buckets(self.sizes, self.bucket_size, self.state_dtype)
+        bucket = self.bucket_size if self.explicit_bucket else auto_bucket_size(sum(sizes))
+        return _Buckets(sizes, bucket, self.state_dtype)
+
+    def precision_notes(self, sizes: list[int]) -> list[str]:
+        """What the zeroadamw rows' optimizer state / master columns hold under --state-dtype / --kahan."""
+        notes = []
+        if self.state_dtype == "int8":
+            small = [s for s in sizes if s < MIN_QUANTIZED_NUMEL]
+            notes.append(f"int8 moments: 1 B per element per moment + a 4-byte scale per {BLOCK} elements (2.03 B "
+                         f"for both); tensors under {MIN_QUANTIZED_NUMEL:,} elements keep fp32 moments (8 B): "
+                         + (f"here {len(small):,} tensors, {sum(small):,} elements" if small else "none here")
+                         + f"; int8 buckets start every tensor on a {BLOCK}-element block (padding counted)")
+            if self.spec.count_only is not None:
+                notes.append("bare count: every synthetic tensor is int8; a real model's norms and biases stay "
+                             "fp32 (pass a config)")
+        elif self.state_dtype == "bf16":
+            notes.append("bf16 moments: 4 B per element for both (the update math runs in fp32)")
+        if self.kahan:
+            notes.append("Kahan (master_dtype=None, kahan_sum=True): no fp32 master; the master column holds the "
+                         "bf16 compensation, 2 B per element, sharded like the moments")
+        return notes
+
+
+def _setup(spec: ModelSpec, world_size, dtype, bucket_size, lora_rank, lora_targets, state_dtype, kahan) -> _Setup:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world size must be an int >= 1 (the number of data-parallel ranks), got {world_size!r}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state dtype must be one of {', '.join(STATE_DTYPES)} (--state-dtype), got {state_dtype!r}")
+    if not isinstance(kahan, bool):
+        raise TypeError(f"kahan must be True or False, got {kahan!r}")
+    if kahan and dtype != "bf16":
+        raise ValueError("--kahan replaces the fp32 master of bf16 params by a bf16 compensation; fp32 params have "
+                         "no master to replace: use --dtype bf16, or drop --kahan")
     explicit_bucket = bucket_size is not None
     if bucket_size is None:  # ShardedAdamW's default: from the model's size
         bucket_size = auto_bucket_size(spec.numel)
@@ -393,6 +544,106 @@ def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_si
         raise ValueError(f"bucket size must be a positive number of elements, got {bucket_size!r}")
     if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
         raise ValueError(f"LoRA rank must be an int >= 1, got {lora_rank!r}")
+    s = _Setup(spec, world_size, dtype, state_dtype, kahan, bucket_size, explicit_bucket, lora_rank,
+               tuple(lora_targets))
+    s.sizes = spec.sizes(bucket_size)
+    return s
+
+
+_DDP_NOTE = "grads include DDP's bucket copy of every gradient (gradient_as_bucket_view=False, the default)"
+
+
+def _torch_rows(m: str, s: _Setup, label: str) -> Estimate:
+    """DDP + torch AdamW and DeepSpeed's paper formulas (``--state-dtype`` / ``--kahan`` do not apply)."""
+    n, p, psi, mixed = s.n, s.p, s.psi, s.mixed
+    notes: list[str] = []
+    if m == "ddp_adamw":
+        notes.append(_DDP_NOTE if n > 1 else "one process: no DDP, param.grad only")
+        if mixed:
+            notes.append("bf16 params: torch AdamW keeps exp_avg/exp_avg_sq in bf16, no fp32 master")
+        return Estimate(m, label, p * psi, p * psi * (2 if n > 1 else 1), (4 if mixed else 8) * psi, 0, psi, notes,
+                        state_dtype=s.dtype)
+    st = int(m[-1])
+    ds = lambda k: -(-k * psi // n)  # noqa: E731 - the paper's per-rank share, rounded up
+    notes.append("Rajbhandari et al. 2020: K = 12 (fp32 master + m + v) for bf16, K = 8 for fp32; DeepSpeed's own "
+                 "communication buckets (reduce/allgather_bucket_size) not included")
+    return Estimate(m, label, ds(p) if st == 3 else p * psi, ds(p) if st >= 2 else p * psi, ds(8),
+                    ds(4) if mixed else 0, psi, notes)
+
+
+def _zero_row(m: str, s: _Setup, label: str) -> Estimate:
+    """zeroadamw stage 1 / stage 2 / step in backward (+ clip) / SparseAdamW."""
+    n, p, psi, spec = s.n, s.p, s.psi, s.spec
+    b = s.buckets()
+    S = b.owned(n)
+    state, master = b.state(n, s.weight_bytes)
+    notes: list[str] = []
+    if m == "stage1":
+        grads = p * psi + (ACC_BYTES * S + b.in_flight(n, p) if n > 1 else 0)
+        if n > 1:
+            notes.append("param.grad (full) + at step() the fp32 reduced shard and up to 3 buckets in flight")
+    elif m == "step_in_backward_clip" and n == 1:
+        grads = ACC_BYTES * psi
+        notes.append("one process: every gradient held in fp32 until step() (exact clipping)")
+    elif m == "step_in_backward":
+        if n == 1:
+            grads = b.full(1, ACC_BYTES, 2)
+            notes.append("one process: gradients of at most 2 neighbouring buckets, in fp32, until they are applied")
+        else:
+            grads = b.full(n, p, IN_FLIGHT) + ACC_BYTES * max(b.shards(n), default=0)
+            notes.append("up to 3 full-size buckets in flight + one reduced shard being applied; no 1/N shard kept")
+        if spec.count_only is not None:
+            notes.append("bare count: assumes no tensor exceeds the bucket size (a large embedding does: pass a config)")
+    else:
+        grads = _sharded_grads(b, n, p, psi)
+        notes.append("one process: param.grad, no buckets" if n == 1 else
+                     "fp32 reduced 1/N shard + up to 3 neighbouring full-size buckets in flight")
+    if m == "sparse_adamw":
+        rows = spec.sparse_rows
+        if rows is None:
+            notes.append("per-row step counts not included: a bare parameter count has no rows (pass a config)")
+        else:
+            state += 4 * rows
+            notes.append(f"+ 4 B per row (elements / last dim) of embeddings / experts ({rows:,} rows) on every rank, "
+                         "an approximation: SparseAdamW keeps a float32 step count and a float64 decay mark (12 B) "
+                         "per dim-0 slice it owns -- an embedding row or a whole expert -- about slices / N of them "
+                         "per rank")
+    notes += s.precision_notes(s.sizes)
+    return Estimate(m, label, p * psi, grads, state, master, psi, notes, s.state_dtype, s.kahan)
+
+
+def _lora_row(m: str, s: _Setup, label: str) -> Estimate:
+    """LoRA rank r on ``lora_targets``: DDP + torch AdamW, or zeroadamw stage 2 over the adapters."""
+    n, p, psi, spec = s.n, s.p, s.psi, s.spec
+    adapters = _lora_tensors(spec, s.lora_rank, s.lora_targets)
+    if not adapters:
+        cands = sorted({nm.split(".")[-2] for nm, sh in spec.tensors if len(sh) == 2 and nm.endswith(".weight")})
+        raise ValueError(f"LoRA targets {','.join(s.lora_targets)} match no 2-D weight of {spec.name}; pass "
+                         f"--lora-targets from: {', '.join(cands) if cands else '(none: pass a config)'}")
+    a_sizes = [math.prod(sh) for _, sh in adapters]
+    psi_a = sum(a_sizes)
+    params = p * (psi + psi_a)
+    notes = [f"rank {s.lora_rank} adapters on {','.join(s.lora_targets)}: {psi_a:,} trainable; the frozen base costs "
+             "only its params"]
+    if m == "lora":
+        notes.append(_DDP_NOTE if n > 1 else "one process: no DDP")
+        return Estimate(m, label, params, p * psi_a * (2 if n > 1 else 1), (4 if s.mixed else 8) * psi_a, 0, psi_a,
+                        notes, state_dtype=s.dtype)
+    ba = s.buckets(a_sizes)
+    state, master = ba.state(n, s.weight_bytes)
+    notes += s.precision_notes(a_sizes)
+    return Estimate(m, label, params, _sharded_grads(ba, n, p, psi_a), state, master, psi_a, notes, s.state_dtype,
+                    s.kahan)
+
+
+def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_size: int | None = None,
+             lora_rank: int = 8, lora_targets=DEFAULT_LORA_TARGETS, methods=None, state_dtype: str = "fp32",
+             kahan: bool = False) -> list[Estimate]:
+    """Per-rank bytes for each of ``methods`` (default: all of :data:`METHODS`; LoRA is left out for a bare
+    parameter count, which has no layer shapes). ``state_dtype`` (``"fp32"``, ``"bf16"``, ``"int8"``) and
+    ``kahan`` (bf16 only: ``master_dtype=None, kahan_sum=True``) are ShardedAdamW's options, for the zeroadamw
+    rows (:data:`ZERO_METHODS`); their labels then say so."""
+    s = _setup(spec, world_size, dtype, bucket_size, lora_rank, lora_targets, state_dtype, kahan)
     explicit = methods is not None
     methods = list(METHODS) if methods is None else list(methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -400,103 +651,51 @@ def estimate(spec: ModelSpec, world_size: int, dtype: str = "bf16", *, bucket_si
         raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if spec.count_only is not None and not explicit:
         methods = [m for m in methods if not m.startswith("lora")]
-    n, p, mixed = world_size, DTYPE_BYTES[dtype], dtype == "bf16"
-    sizes = spec.sizes(bucket_size)
-    psi = sum(sizes)
-    b = _Buckets(sizes, bucket_size)
-    S = b.owned(n)
-    state, master = 8 * S, (4 * S if mixed else 0)
-    ddp_note = "grads include DDP's bucket copy of every gradient (gradient_as_bucket_view=False, the default)"
-    torch_state = (8 if not mixed else 4)  # torch AdamW keeps its moments in the param dtype
-    ds = lambda k: -(-k * psi // n)  # noqa: E731 - the paper's per-rank share, rounded up
+    tag = " + ".join(([f"{state_dtype} moments"] if state_dtype != "fp32" else []) + (["Kahan"] if kahan else []))
     out = []
     for m in methods:
-        label = METHODS[m].format(r=lora_rank)
-        notes: list[str] = []
-        if m == "ddp_adamw":
-            grads = p * psi * (2 if n > 1 else 1)
-            notes.append(ddp_note if n > 1 else "one process: no DDP, param.grad only")
-            if mixed:
-                notes.append("bf16 params: torch AdamW keeps exp_avg/exp_avg_sq in bf16, no fp32 master")
-            e = Estimate(m, label, p * psi, grads, torch_state * psi, 0, psi, notes)
-        elif m.startswith("deepspeed_zero"):
-            st = int(m[-1])
-            notes.append("Rajbhandari et al. 2020: K = 12 (fp32 master + m + v) for bf16, K = 8 for fp32; "
-                         "DeepSpeed's own communication buckets (reduce/allgather_bucket_size) not included")
-            e = Estimate(m, label, ds(p) if st == 3 else p * psi, ds(p) if st >= 2 else p * psi, ds(8),
-                         ds(4) if mixed else 0, psi, notes)
-        elif m in ("stage1", "stage2", "sparse_adamw", "step_in_backward_clip"):
-            if m == "stage1":
-                grads = p * psi + (ACC_BYTES * S + b.in_flight(n, p) if n > 1 else 0)
-                if n > 1:
-                    notes.append("param.grad (full) + at step() the fp32 reduced shard and up to 3 buckets in flight")
-            elif m == "step_in_backward_clip" and n == 1:
-                grads = ACC_BYTES * psi
-                notes.append("one process: every gradient held in fp32 until step() (exact clipping)")
-            else:
-                grads = _sharded_grads(b, n, p, psi)
-                notes.append("one process: param.grad, no buckets" if n == 1 else
-                             "fp32 reduced 1/N shard + up to 3 neighbouring full-size buckets in flight")
-            st_bytes = state
-            if m == "sparse_adamw":
-                rows = spec.sparse_rows
-                if rows is None:
-                    notes.append("per-row step counts not included: a bare parameter count has no rows (pass a config)")
-                else:
-                    st_bytes += 4 * rows
-                    notes.append(f"+ 4 B per row (elements / last dim) of embeddings / experts ({rows:,} rows) on "
-                                 "every rank, an approximation: SparseAdamW keeps a float32 step count and a float64 "
-                                 "decay mark (12 B) per dim-0 slice it owns -- an embedding row or a whole expert -- "
-                                 "about slices / N of them per rank")
-            e = Estimate(m, label, p * psi, grads, st_bytes, master, psi, notes)
-        elif m == "step_in_backward":
-            if n == 1:
-                grads = b.full(1, ACC_BYTES, 2)
-                notes.append("one process: gradients of at most 2 neighbouring buckets, in fp32, until they are applied")
-            else:
-                grads = b.full(n, p, IN_FLIGHT) + ACC_BYTES * -(-max(b.numels, default=0) // n)
-                notes.append("up to 3 full-size buckets in flight + one reduced shard being applied; no 1/N shard kept")
-            if spec.count_only is not None:
-                notes.append("bare count: assumes no tensor exceeds the bucket size (a large embedding does: "
-                             "pass a config)")
-            e = Estimate(m, label, p * psi, grads, state, master, psi, notes)
-        else:  # LoRA
-            adapters = _lora_tensors(spec, lora_rank, lora_targets)
-            if not adapters:
-                cands = sorted({nm.split(".")[-2] for nm, s in spec.tensors if len(s) == 2 and nm.endswith(".weight")})
-                raise ValueError(f"LoRA targets {','.join(lora_targets)} match no 2-D weight of {spec.name}; pass "
-                                 f"--lora-targets from: {', '.join(cands) if cands else '(none: pass a config)'}")
-            a_sizes = [math.prod(s) for _, s in adapters]
-            psi_a = sum(a_sizes)
-            params = p * (psi + psi_a)
-            notes.append(f"rank {lora_rank} adapters on {','.join(lora_targets)}: {psi_a:,} trainable; the "
-                         "frozen base costs only its params")
-            if m == "lora":
-                notes.append(ddp_note if n > 1 else "one process: no DDP")
-                e = Estimate(m, label, params, p * psi_a * (2 if n > 1 else 1), torch_state * psi_a, 0, psi_a, notes)
-            else:
-                ba = _Buckets(a_sizes, bucket_size if explicit_bucket else auto_bucket_size(psi_a))
-                Sa = ba.owned(n)
-                e = Estimate(m, label, params, _sharded_grads(ba, n, p, psi_a), 8 * Sa, 4 * Sa if mixed else 0,
-                             psi_a, notes)
-        out.append(e)
+        label = METHODS[m].format(r=lora_rank) + (f" [{tag}]" if tag and m in ZERO_METHODS else "")
+        if m == "ddp_adamw" or m.startswith("deepspeed_zero"):
+            out.append(_torch_rows(m, s, label))
+        elif m.startswith("lora"):
+            out.append(_lora_row(m, s, label))
+        else:
+            out.append(_zero_row(m, s, label))
     return out
 
 
+def precision_estimates(spec: ModelSpec, world_size: int, dtype: str = "bf16", method: str = "step_in_backward",
+                        **kw) -> list[Estimate]:
+    """``method`` (one of :data:`ZERO_METHODS`) under every storage of the state, side by side: fp32 / bf16 /
+    int8 moments, each with the fp32 master and with Kahan (bf16 params; fp32 params have no master).
+    ``kw``: :func:`estimate`'s bucket_size, lora_rank, lora_targets."""
+    if method not in ZERO_METHODS:
+        raise ValueError(f"the precision table is for zeroadamw's methods ({', '.join(ZERO_METHODS)}), got "
+                         f"{method!r}; pass --precision-method with one of them, or none")
+    out = []
+    for kahan in ((False, True) if dtype == "bf16" else (False,)):
+        for sd in STATE_DTYPES:
+            e = estimate(spec, world_size, dtype, methods=[method], state_dtype=sd, kahan=kahan, **kw)[0]
+            e.label = precision_label(sd, kahan, dtype)
+            out.append(e)
+    return out
+
+
+def default_precision_method(methods) -> str | None:
+    """The method the precision table shows: step in backward when selected, else the first zeroadamw one."""
+    methods = list(METHODS) if methods is None else list(methods)
+    if "step_in_backward" in methods:
+        return "step_in_backward"
+    return next((m for m in methods if m in ZERO_METHODS), None)
+
+
 # ---------------------------------------------------------------------------------------------------- output
-def format_table(spec: ModelSpec, estimates: list[Estimate], world_size: int, dtype: str, bucket_size: int) -> str:
-    """The terminal table: one row per method, GiB (or MiB for small models) per rank, then the notes."""
-    big = max((e.total for e in estimates), default=0) >= 2**30
-    unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
-    largest = spec.largest
-    head = f"{spec.name}: {spec.numel:,} params"
-    if largest:
-        head += f" (largest tensor {largest[0]}: {largest[1]:,})"
-    lines = [head, f"world size {world_size}, {dtype}, bucket size {bucket_size:,} elements; {unit} per rank", ""]
-    w = max(len(e.label) for e in estimates) if estimates else 10
-    cols = ("params", "grads", "opt state", "master", "total")
-    lines.append(f"{'method':<{w}}  " + "  ".join(f"{c:>10}" for c in cols) + "  notes")
-    notes: list[str] = []
+_COLS = ("params", "grads", "opt state", "master/comp", "total")
+
+
+def _rows(estimates: list[Estimate], w: int, div: int, notes: list[str]) -> list[str]:
+    """One line per estimate (``div`` bytes per unit), note references into ``notes`` (extended)."""
+    lines = []
     for e in estimates:
         refs = []
         for note in e.notes:
@@ -504,22 +703,71 @@ def format_table(spec: ModelSpec, estimates: list[Estimate], world_size: int, dt
                 notes.append(note)
             refs.append(str(notes.index(note) + 1))
         vals = (e.params, e.grads, e.optimizer_state, e.master, e.total)
-        lines.append(f"{e.label:<{w}}  " + "  ".join(f"{v / div:>10.2f}" for v in vals) + "  " + ",".join(refs))
+        lines.append(f"{e.label:<{w}}  " + "  ".join(f"{v / div:>11.2f}" for v in vals) + f"  {_fits(e):>16}  "
+                     + ",".join(refs))
+    return lines
+
+
+def _fits(e: Estimate) -> str:
+    """``"40,80 (+0.6)"``: the cards it fits on, and the GiB left on the smallest of them."""
+    sizes = e.fits_on()
+    if not sizes:
+        return "none"
+    return ",".join(map(str, sizes)) + f" (+{sizes[0] - GPU_RESERVE_GIB - e.total / 2**30:.1f})"
+
+
+def _header(w: int, first: str) -> str:
+    return f"{first:<{w}}  " + "  ".join(f"{c:>11}" for c in _COLS) + f"  {'fits on (GB)':>16}  notes"
+
+
+def format_table(spec: ModelSpec, estimates: list[Estimate], world_size: int, dtype: str, bucket_size: int,
+                 precision: tuple[str, list[Estimate]] | None = None) -> str:
+    """The terminal table: one row per method, GiB (or MiB for small models) per rank, then -- ``precision`` =
+    (the method's label, :func:`precision_estimates`) -- that method under each storage of the state, then the
+    notes."""
+    every = estimates + (precision[1] if precision else [])
+    big = max((e.total for e in every), default=0) >= 2**30
+    unit, div = ("GiB", 2**30) if big else ("MiB", 2**20)
+    largest = spec.largest
+    head = f"{spec.name}: {spec.numel:,} params"
+    if largest:
+        head += f" (largest tensor {largest[0]}: {largest[1]:,})"
+    lines = [head, f"world size {world_size}, {dtype}, bucket size {bucket_size:,} elements; {unit} per rank", ""]
+    w = max((len(e.label) for e in every), default=10)
+    notes: list[str] = []
+    lines += [_header(w, "method")] + _rows(estimates, w, div, notes)
+    if precision:
+        title, rows = precision
+        lines += ["", f"{title}, by storage of the optimizer state (--state-dtype, --kahan):"]
+        lines += [_header(w, "moments + weights")] + _rows(rows, w, div, notes)
     lines.append("")
     lines += [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
     if spec.count_only is not None:
         lines.append("bare parameter count: synthetic tensors of one bucket each; LoRA needs layer shapes (pass a config)")
+    lines.append(f"fits on (GB): the total is at most the card's memory less {GPU_RESERVE_GIB:g} GiB (CUDA context, "
+                 "allocator); a 24 / 40 / 80 GB card has about 24 / 40 / 80 GiB. (+x): the GiB left on the smallest of "
+                 "them, which must hold the activations.")
     lines.append("Activations, autograd's transient gradient and allocator overhead are not included.")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
-                        help="a Hugging Face config.json (or its directory), a name from configs/, or a parameter "
-                             "count (7e9, 7B, 1300000000)")
+                        help="a Hugging Face config.json (or its directory), a name from configs/ or a built-in "
+                             f"preset ({', '.join(PRESETS)}), or a parameter count (7e9, 7B, 1300000000)")
     parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks N (default 1)")
     parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
                         help="param dtype; bf16 = mixed precision with fp32 master for DeepSpeed/zeroadamw (default)")
+    parser.add_argument("--state-dtype", choices=STATE_DTYPES, default="fp32",
+                        help="zeroadamw rows: storage of the Adam moments, ShardedAdamW(state_dtype=...): fp32 "
+                             "(default), bf16, or int8 (block-wise 8-bit; tensors under 4096 elements stay fp32)")
+    parser.add_argument("--kahan", action="store_true",
+                        help="zeroadamw rows, bf16 params: master_dtype=None, kahan_sum=True -- a bf16 compensation "
+                             "(2 B per element) instead of the fp32 master (4 B)")
+    parser.add_argument("--precision-method", default=None, metavar="METHOD",
+                        help="the zeroadamw method of the table by state storage (fp32 / bf16 / int8 moments x fp32 "
+                             "master / Kahan); default: step_in_backward if selected, else the first zeroadamw method; "
+                             "'none': no such table")
     parser.add_argument("--json", action="store_true", help="print one JSON record per method instead of a table")
     parser.add_argument("--bucket-size", type=int, default=None,
                         help="ShardedAdamW bucket_size in elements (default: ShardedAdamW's, about 1/32 of the "
@@ -539,8 +787,15 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--lora-targets is empty; name at least one module, e.g. q_proj,v_proj")
         methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
         spec = load_model(args.model, args.configs_dir)
-        ests = estimate(spec, args.world_size, args.dtype, bucket_size=args.bucket_size, lora_rank=args.lora_rank,
-                        lora_targets=targets, methods=methods)
+        kw = dict(bucket_size=args.bucket_size, lora_rank=args.lora_rank, lora_targets=targets)
+        ests = estimate(spec, args.world_size, args.dtype, methods=methods, state_dtype=args.state_dtype,
+                        kahan=args.kahan, **kw)
+        pm = args.precision_method
+        pm = default_precision_method([e.method for e in ests]) if pm is None else (None if pm == "none" else pm)
+        precision = None
+        if pm is not None and not args.json:
+            precision = (METHODS[pm].format(r=args.lora_rank) if pm in METHODS else pm,
+                         precision_estimates(spec, args.world_size, args.dtype, pm, **kw))
     except ValueError as e:
         print(f"zeroadamw estimate: error: {e}", file=sys.stderr)
         return 2
@@ -550,5 +805,5 @@ def run(args: argparse.Namespace) -> int:
                   "bucket_size": bucket}
         print(json.dumps([dict(common, **e.record()) for e in ests], indent=1))
     else:
-        print(format_table(spec, ests, args.world_size, args.dtype, bucket))
+        print(format_table(spec, ests, args.world_size, args.dtype, bucket, precision))
     return 0
