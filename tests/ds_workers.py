@@ -22,6 +22,10 @@ def ds_train(rank, world, kind, stage, steps=5):
         from zeroadamw import ShardedAdamW
 
         opt = ShardedAdamW(params, lr=1e-3, weight_decay=0.1, impl="reference")
+    elif kind == "sharded_int8":  # the same, with int8 moments: DeepSpeed's flat fp32 partitions get 8-bit state
+        from zeroadamw import ShardedAdamW
+
+        opt = ShardedAdamW(params, lr=1e-3, weight_decay=0.1, impl="reference", state_dtype="int8")
     else:  # the helper's choice for this config
         from zeroadamw.integrations.deepspeed import client_optimizer
 
@@ -34,5 +38,7 @@ def ds_train(rank, world, kind, stage, steps=5):
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
+    state = [t for st in getattr(opt, "state", {}).values() for k, t in st.items() if k in ("exp_avg", "exp_avg_sq")]
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()}, "losses": losses,
-            "plain": getattr(opt, "_plain", None), "wrapper": type(wrapped).__name__}
+            "plain": getattr(opt, "_plain", None), "wrapper": type(wrapped).__name__,
+            "state_dtypes": sorted({str(t.dtype) for t in state})}

@@ -79,6 +79,7 @@ class RefPrecisionAdamW:
             if self._int8(p):
                 m = ref_dequantize(st["exp_avg"], st["exp_avg_absmax"], True)
                 v = ref_dequantize(st["exp_avg_sq"], st["exp_avg_sq_absmax"], False)
+                m = torch.where(v == 0, torch.zeros_like(m), m)  # a second moment quantized to 0: m restarts too
             else:
                 m, v = st["exp_avg"].float(), st["exp_avg_sq"].float()
             if "master" in st:

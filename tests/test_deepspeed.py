@@ -26,6 +26,17 @@ def test_zero_stages_match_torch_adamw_as_client(stage):
             assert torch.equal(v, ref["params"][k]), (kind, stage, k)
 
 
+def test_int8_state_as_deepspeed_zero2_client():
+    """ShardedAdamW(state_dtype="int8") handed to DeepSpeed ZeRO-2: it acts plain on DeepSpeed's flat fp32
+    partitions, keeps 8-bit moments there, and trains like torch.optim.AdamW (to 8-bit precision)."""
+    ref = run(ds_workers.ds_train, 2, "torch", 2, init=False, timeout=600)[0]
+    res = run(ds_workers.ds_train, 2, "sharded_int8", 2, init=False, timeout=600)[0]
+    assert res["plain"] is True and res["state_dtypes"] == ["torch.uint8"], res["state_dtypes"]
+    worst = max(rel_err(v, ref["params"][k]) for k, v in res["params"].items())
+    assert 0 < worst <= 2e-2, worst
+    assert abs(res["losses"][-1] - ref["losses"][-1]) < 1e-2 * abs(ref["losses"][-1])
+
+
 def test_stage0_shards_on_top_of_deepspeed_allreduce():
     ref = run(ds_workers.ds_train, 2, "torch", 0, init=False, timeout=600)[0]
     res = run(ds_workers.ds_train, 2, "helper", 0, init=False, timeout=600)[0]

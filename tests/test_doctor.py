@@ -89,7 +89,21 @@ TRIGGERS = {
                            (with_(SANE_HF, drop=("steps_per_epoch",), weight_decay=0.0), "info")],
     "steps-per-epoch-unknown": [(with_(SANE_HF, drop=("steps_per_epoch", "num_train_epochs"), max_steps=60000),
                                  "info")],
+    "no-master-no-kahan": [(with_(SANE_FLAGS, master_dtype=None, param_dtype="bf16"), "warn"),
+                           (with_(SANE_FLAGS, master_dtype="none"), "warn"),  # params' dtype not given
+                           (with_(SANE_HF, optim="zeroadamw", optim_args="master_dtype=none", torch_dtype="float16"),
+                            "warn"),
+                           (with_(SANE_FLAGS, rule="adalomo", master_dtype=None), "warn"),
+                           (with_(SANE_HF, model_init_kwargs={"torch_dtype": "bfloat16"}), "warn")],  # torch AdamW
+    "int8-small-tensors": [(with_(SANE_FLAGS, state_dtype="int8"), "info"),  # with TINY_LLAMA: every tensor < 4096
+                           (with_(SANE_FLAGS, state_dtype="int8", lora_r=8), "info")],
+    "bnb-8bit-with-sharding": [(with_(SANE_HF, optim="adamw_bnb_8bit", world_size=8), "info"),
+                               (with_(SANE_HF, optim="paged_adamw_8bit", deepspeed="ds_zero2.json"), "info"),
+                               ({"optimizer": {"type": "AdamW8bit", "params": {"lr": 1e-4}}, "fsdp": "full_shard"},
+                                "info")],
 }
+# the model a trigger needs (the findings that count the model's tensors)
+TRIGGER_MODELS = {"int8-small-tensors": TINY_LLAMA}
 
 
 def test_every_code_has_a_trigger():
@@ -111,7 +125,7 @@ def test_sane_config_with_model_is_silent():
 @pytest.mark.parametrize("code,i", [(c, i) for c, cases in TRIGGERS.items() for i in range(len(cases))])
 def test_finding_triggers(code, i):
     cfg, severity = TRIGGERS[code][i]
-    found = [f for f in diagnose(cfg) if f.code == code]
+    found = [f for f in diagnose(cfg, TRIGGER_MODELS.get(code), use_transformers=False) if f.code == code]
     assert found, f"{code} did not fire on {cfg}"
     assert found[0].severity == severity
     for f in found:  # what / why / fix are real sentences, and everything is JSON-able
@@ -208,7 +222,8 @@ def test_model_params_transformers_matches_llama_layout():
     pytest.importorskip("transformers")
     a = model_parameters(TINY_LLAMA)
     b = model_parameters(TINY_LLAMA, use_transformers=False)
-    assert [(p.name, p.numel, p.kind) for p in a] == [(p.name, p.numel, p.kind) for p in b]
+    assert [(p.name, p.numel, p.kind, p.shape) for p in a] == [(p.name, p.numel, p.kind, p.shape) for p in b]
+    assert all(math.prod(p.shape) == p.numel for p in a)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ref = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}))
@@ -477,3 +492,45 @@ def test_cli_help_strips_rst_from_any_command(monkeypatch, capsys):
     assert "zeroadamw fake: see ShardedAdamW and diagnose." in out
     assert "a literal and TAU_TOLERANCE" in out and "emphasis and a link" in out
     assert "Example:" in out
+
+
+# ------------------------------------------------------------------------------------- state precision summary
+@pytest.mark.parametrize("state_dtype,kahan", [(sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")])
+def test_summary_state_bytes_agree_with_the_estimate(state_dtype, kahan):
+    """The doctor's per-element state bytes for bf16 params are the estimate's (12 / 8 / 6.03 / 10 / 6 / 4.03),
+    which tests/test_estimate.py checks against ShardedAdamW.state_bytes()."""
+    from zeroadamw import estimate as E
+
+    cfg = with_(SANE_FLAGS, state_dtype=state_dtype, param_dtype="bf16",
+                **(dict(master_dtype=None, kahan_sum=True) if kahan else {}))
+    findings, s = summarize(cfg)
+    assert findings == [], [f.to_dict() for f in findings]
+    e = E.estimate(E.ModelSpec("w", [("w", (1024, 1024))]), 1, "bf16", bucket_size=2**20, methods=["stage2"],
+                   state_dtype=state_dtype, kahan=kahan)[0]
+    assert s["precision"]["state_bytes_per_element"] == {"bf16": (e.optimizer_state + e.master) / 2**20}
+    assert s["precision"]["moments"] == state_dtype and s["precision"]["kahan_sum"] is kahan
+    assert s["precision"]["master_dtype"] == (None if kahan else "fp32")
+
+
+def test_summary_reports_the_state_storage(tmp_path, capsys):
+    _, s = summarize(SANE_FLAGS)  # ShardedAdamW's defaults, params' dtype not given
+    assert s["precision"] == {"param_dtype": None, "state_dtype": None, "moments": "fp32", "master_dtype": "fp32",
+                              "kahan_sum": False, "weights": "fp32 master", "trainable": None,
+                              "state_bytes_per_element": {"bf16/fp16": 12.0, "fp32": 8.0}}
+    _, s = summarize(with_(SANE_FLAGS, master_dtype=None, param_dtype="bf16"))  # auto: moments in the param dtype
+    assert s["precision"]["moments"] == "bf16" and s["precision"]["state_bytes_per_element"] == {"bf16": 4.0}
+    assert summarize(SANE_HF)[1]["precision"] is None  # torch AdamW, nothing said about the weights
+    assert summarize(with_(SANE_HF, optim="adamw_8bit"))[1]["precision"] == {"param_dtype": None,
+                                                                               "bitsandbytes_8bit": True}
+    cfg = tmp_path / "args.json"  # HF form: ShardedAdamW's options through optim_args
+    cfg.write_text(json.dumps(with_(SANE_HF, optim="zeroadamw", torch_dtype="bfloat16",
+                                    optim_args="state_dtype=int8,master_dtype=none,kahan_sum=true")))
+    assert cli.main(["doctor", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert ("  state: int8 moments (tensors under 4096 elements: fp32), Kahan compensation, no master; per trainable "
+            "element 4.03 B for bf16 params (/ N per rank)") in out
+    assert cli.main(["doctor", str(cfg), "--json"]) == 0
+    pr = json.loads(capsys.readouterr().out)["summary"]["precision"]
+    assert pr["state_dtype"] == "int8" and pr["kahan_sum"] is True and pr["master_dtype"] is None
+    # our keys in the HF form mean optim=zeroadamw
+    assert summarize(with_(SANE_HF, drop=("optim",), state_dtype="bf16"))[1]["optimizer"] == "zeroadamw"

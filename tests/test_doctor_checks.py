@@ -30,7 +30,8 @@ def fuzz_configs(n=400, seed=0):
         grads_reduced=[None, True], stage=[None, 1, 2], resume_from_checkpoint=[None, True],
         load_optimizer=[None, False], ignore_data_skip=[None, True], save_only_model=[None, True],
         lr_max=[None, 1e-3], no_decay_groups=[None, True, False], decay_embeddings=[None, False],
-        num_train_epochs=[None, 0.5, 3])
+        num_train_epochs=[None, 0.5, 3], state_dtype=[None, "int8", "bf16", "int4"], master_dtype=[None, "none"],
+        kahan_sum=[None, True], param_dtype=[None, "bf16", "fp32"], world_size=[None, 4], lora_r=[None, 4])
     rng = random.Random(seed)
     out = [c for cases in TRIGGERS.values() for c, _ in cases]
     for _ in range(n):
@@ -115,6 +116,9 @@ def test_each_check_emits_only_its_own_codes():
         doctor.check_resume_optimizer_state: {"resume-without-optimizer-state"},
         doctor.check_resume_data_skip: {"resume-data-not-skipped"},
         doctor.check_independent_schedule_peak: {"independent-without-schedule-peak"},
+        doctor.check_no_master_no_kahan: {"no-master-no-kahan"},
+        doctor.check_int8_small_tensors: {"int8-small-tensors"},
+        doctor.check_bnb_8bit_with_sharding: {"bnb-8bit-with-sharding"},
     }
     assert set(own) == set(CHECKS) and len(CHECKS) == len(set(CHECKS))
     assert set().union(*own.values()) == set(FINDINGS)
@@ -322,3 +326,92 @@ def test_context_is_built_once_and_shared():
     ctx = ctx_of(with_(SANE_HF, lr_scheduler_kwargs={"max_lr": 2e-4}))
     assert ctx.lr_peak == 2e-4 and ctx.tau.tau == pytest.approx(1 / (2e-4 * 0.1))
     assert ctx.tau.band == (20000, 60000) and ctx.tau.multi_epoch
+
+
+# ------------------------------------------------------------------------------------------ state precision
+def test_check_no_master_no_kahan():
+    bf16 = with_(SANE_FLAGS, master_dtype=None, param_dtype="bf16")
+    f = one(doctor.check_no_master_no_kahan(ctx_of(bf16)), "no-master-no-kahan")
+    assert f.severity == "warn"
+    assert f.message == "master_dtype=None without kahan_sum: bf16 weights are updated in bf16."
+    # |w| >= lr / 2**-9: half a bf16 ulp of w is above lr, so an update of lr rounds away
+    assert f.data["lost_above"] == pytest.approx(3e-4 * 512) and "above 0.15 in magnitude" in f.why
+    assert "(0.20% to 0.39% of it)" in f.why and f.fix.startswith("Set `kahan_sum: true` (with `master_dtype: null`)")
+    f = one(doctor.check_no_master_no_kahan(ctx_of(with_(bf16, param_dtype="float16", lr=1e-5))))
+    assert f.data["lost_above"] == pytest.approx(1e-5 * 4096) and "fp16 weights are updated in fp16" in f.message
+    f = one(doctor.check_no_master_no_kahan(ctx_of(with_(bf16, drop=("param_dtype",)))))
+    assert "set `param_dtype`" in f.message and f.data["param_dtype"] is None
+    f = one(doctor.check_no_master_no_kahan(ctx_of(with_(bf16, rule="adalomo"))))
+    assert "not implemented for adalomo" in f.fix
+    for quiet in (with_(bf16, kahan_sum=True), with_(bf16, param_dtype="fp32"), with_(bf16, drop=("master_dtype",)),
+                  with_(bf16, master_dtype="fp32"), with_(SANE_HF, torch_dtype="bfloat16", optim="adamw_bnb_8bit"),
+                  with_(SANE_HF, optim="adamw_torch_fused"), with_(SANE_HF, bf16=True)):
+        assert doctor.check_no_master_no_kahan(ctx_of(quiet)) == [], quiet
+    # torch AdamW on a model loaded in bf16 (HF Trainer, TRL's model_init_kwargs): no master copy either
+    f = one(doctor.check_no_master_no_kahan(ctx_of(with_(SANE_HF, optim="adamw_torch_fused", torch_dtype="bfloat16"))))
+    assert "optim 'adamw_torch_fused' (torch AdamW, no master copy)" in f.message and "`optim: zeroadamw`" in f.fix
+    f = one(doctor.check_no_master_no_kahan(ctx_of(with_(SANE_HF, model_init_kwargs={"torch_dtype": "bfloat16"}))))
+    assert f.data["param_dtype"] == "bf16"
+
+
+def test_check_int8_small_tensors():
+    int8 = with_(SANE_FLAGS, state_dtype="int8")
+    f = one(doctor.check_int8_small_tensors(ctx_of(int8, TINY_LLAMA)), "int8-small-tensors")
+    assert f.data == {"fp32_fraction": 1.0, "small_tensors": 21, "tensors": 21, "elements": 21728,
+                      "moment_bytes_per_element": 8.0}
+    assert "(full fine-tune): 21 of 21 trainable tensors, 100% of the 21,728" in f.message and "8.00 B" in f.fix
+    # one layer, h = 64: q / o (4096) quantized, k / v / MLP (2048, 3072), norms and embeddings not
+    mixed = dict(TINY_LLAMA, vocab_size=10, hidden_size=64, num_hidden_layers=1)
+    f = one(doctor.check_int8_small_tensors(ctx_of(int8, mixed)))
+    frac = (2 * 2048 + 3 * 3072 + 3 * 64 + 2 * 640) / (2 * 4096 + 2 * 2048 + 3 * 3072 + 3 * 64 + 2 * 640)
+    assert f.data["fp32_fraction"] == pytest.approx(frac) and f.data["small_tensors"] == 10
+    assert f.data["moment_bytes_per_element"] == pytest.approx((1 - frac) * (2 + 8 / 256) + frac * 8)
+    # LoRA: the adapters are what trains (PEFT's Llama default q_proj, v_proj; or all-linear)
+    f = one(doctor.check_int8_small_tensors(ctx_of(with_(int8, lora_r=8), TINY_LLAMA)))
+    assert "(LoRA r=8 on q_proj,v_proj): 8 of 8" in f.message and f.data["elements"] == 2 * (256 + 256 + 256 + 128)
+    cfg = dict(int8, lora={"r": 4, "target_modules": "all-linear"})
+    f = one(doctor.check_int8_small_tensors(ctx_of(cfg, TINY_LLAMA)))
+    assert f.data["tensors"] == 2 * 7 * 2  # 7 linear layers per block, lm_head left out
+    llama_7b = dict(TINY_LLAMA, vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32)
+    for quiet, model in ((int8, llama_7b),  # norms of 4096 elements: quantized too
+                         (with_(int8, lora_r=8), llama_7b),  # lora_A 8 x 4096
+                         (int8, None), (SANE_FLAGS, TINY_LLAMA), (with_(int8, state_dtype="bf16"), TINY_LLAMA),
+                         (with_(SANE_HF, state_dtype="int8", optim="adamw_torch"), TINY_LLAMA)):
+        assert doctor.check_int8_small_tensors(ctx_of(quiet, model)) == [], quiet
+
+
+def test_check_bnb_8bit_with_sharding():
+    bnb = with_(SANE_HF, optim="adamw_bnb_8bit")
+    f = one(doctor.check_bnb_8bit_with_sharding(ctx_of(with_(bnb, world_size=8))), "bnb-8bit-with-sharding")
+    assert f.data == {"optim": "adamw_bnb_8bit", "sharded_by": "world_size 8"} and "state_dtype='int8'" in f.fix
+    for extra, by in ((dict(deepspeed="ds.json"), "DeepSpeed"), (dict(zero_optimization={"stage": 2}), "DeepSpeed"),
+                      (dict(fsdp="full_shard auto_wrap"), "FSDP"), (dict(nproc_per_node=2), "world_size 2")):
+        assert one(doctor.check_bnb_8bit_with_sharding(ctx_of(with_(bnb, **extra)))).data["sharded_by"] == by
+    for optim in ("paged_adamw_8bit", "lion_8bit", "bnb.optim.AdamW8bit"):
+        assert one(doctor.check_bnb_8bit_with_sharding(ctx_of(with_(bnb, optim=optim, world_size=2))))
+    for quiet in (bnb, with_(bnb, fsdp="", deepspeed=None, world_size=1), with_(SANE_HF, world_size=8),
+                  with_(SANE_FLAGS, state_dtype="int8", world_size=8)):
+        assert doctor.check_bnb_8bit_with_sharding(ctx_of(quiet)) == [], quiet
+
+
+@pytest.mark.parametrize("over,key,text", [
+    (dict(state_dtype="int4"), "state_dtype", "state_dtype='int4' is not one of fp32, bf16, int8"),
+    (dict(state_dtype="int8", rule="lomo"), "state_dtype", "rule='lomo' keeps none"),
+    (dict(kahan_sum=True), "master_dtype", "needs master_dtype=None"),
+    (dict(kahan_sum=True, master_dtype=None, rule="adalomo"), "kahan_sum", "not adalomo"),
+])
+def test_precision_options_the_optimizer_refuses(over, key, text):
+    """What ShardedAdamW's constructor raises for (zeroadamw.options.validate_precision) is an invalid-value."""
+    f = one(doctor.check_invalid_values(ctx_of(with_(SANE_FLAGS, **over))), "invalid-value")
+    assert f.data == {"key": key} and text in f.message
+    import torch
+
+    from zeroadamw import ShardedAdamW
+
+    kw = {"master_dtype": None} if over.get("master_dtype", 0) is None else {}
+    kw.update({k: v for k, v in over.items() if k in ("state_dtype", "kahan_sum", "rule")})
+    with pytest.raises(ValueError):
+        ShardedAdamW([torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))], **kw)
+    assert doctor.check_invalid_values(ctx_of(with_(SANE_FLAGS, state_dtype="int8", master_dtype=None,
+                                                    kahan_sum=True))) == []

@@ -564,9 +564,10 @@ def test_state_options_leave_torch_and_deepspeed_rows_alone():
 def test_precision_table_six_storages_side_by_side():
     spec = E.spec_from_config(TINY_Q)
     rows = E.precision_estimates(spec, 2, "bf16", "step_in_backward", bucket_size=5000)
-    assert [r.label for r in rows] == [E.precision_label(sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")]
+    modes = [(sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")]
+    assert [r.label for r in rows] == [E.precision_label(sd, k) for sd, k in modes]
     assert rows[0].label == "fp32 moments + fp32 master" and rows[-1].label == "int8 moments + Kahan (no master)"
-    for r, (sd, k) in zip(rows, [(sd, k) for k in (False, True) for sd in ("fp32", "bf16", "int8")]):
+    for r, (sd, k) in zip(rows, modes):
         e = E.estimate(spec, 2, "bf16", bucket_size=5000, methods=["step_in_backward"], state_dtype=sd, kahan=k)[0]
         assert (r.optimizer_state, r.master, r.grads, r.params) == (e.optimizer_state, e.master, e.grads, e.params)
     assert [r.label for r in E.precision_estimates(spec, 1, "fp32", "stage2")] == [

@@ -200,6 +200,19 @@ def test_step_in_backward(run_example):
         assert float(gn) > 0
 
 
+def test_precision_state(run_example):
+    out = run_example("precision_state.py")
+    rows = re.findall(r"^(.+?)\s+loss (\d+\.\d+) -> (\d+\.\d+)  state (\d+\.\d+) B/param$", out, re.M)
+    assert [r[0] for r in rows] == ["fp32 moments + fp32 master", "int8 moments + fp32 master",
+                                    "bf16 moments + Kahan", "int8 + Kahan, in backward"], out
+    for name, first, last, _ in rows:
+        assert float(last) < float(first) - 0.2, (name, first, last)  # every variant trains
+    b = {r[0]: float(r[3]) for r in rows}
+    assert b["fp32 moments + fp32 master"] == 12.0 and b["bf16 moments + Kahan"] == 6.0  # 8 + 4; 4 + 2
+    # int8: 2.03 B for the tensors of >= 4096 elements, fp32 moments (8 B) for the small ones
+    assert 6.0 < b["int8 moments + fp32 master"] < 8.0 and b["int8 + Kahan, in backward"] < 5.0
+
+
 def test_sparse_moe(run_example):
     out = run_example("sparse_moe.py")
     steps = [int(x) for x in re.search(r"steps taken: \[([\d, ]+)\] of 8", out)[1].split(",")]

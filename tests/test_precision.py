@@ -111,6 +111,29 @@ def test_kahan_tracks_the_fp32_master_and_plain_bf16_does_not():
     assert err_p > 0.3, err_p
 
 
+@pytest.mark.parametrize("cls", [ShardedAdamW, AdamW])
+def test_second_moment_underflow_does_not_blow_up_the_update(cls):
+    """One block holds a large, steady gradient and a tiny one that then stops (an embedding row seen once):
+    the tiny element's v falls below the unsigned map's smallest code relative to the block's max and
+    quantizes to 0 while its m does not. Unguarded, its update would be m / eps; with the guard it stays
+    within a few lr of fp32 AdamW's."""
+    lr = 1e-3
+    runs = {}
+    for sd in ("fp32", "int8"):
+        p = torch.nn.Parameter(torch.zeros(4096))
+        opt = cls([p], lr=lr, weight_decay=0.0, state_dtype=sd)
+        for step in range(30):
+            g = torch.zeros(4096)
+            g[0] = 1.0
+            if step == 0:
+                g[1] = 1e-4
+            p.grad = g
+            opt.step()
+        runs[sd] = p.detach().clone()
+    assert (runs["int8"] - runs["fp32"]).abs().max() < 5 * lr
+    assert runs["int8"][1].abs() < 5 * lr
+
+
 # ------------------------------------------------------------------------------------------ N processes
 
 

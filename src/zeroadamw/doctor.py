@@ -37,7 +37,9 @@ a bare flag means ``true``; ``-`` and ``_`` are the same).
   ``weight_decay``, ``betas`` (or ``beta1``/``beta2``), ``eps``, ``decay`` (``decoupled`` | ``independent`` |
   ``l2``), ``stage``, ``step_in_backward``, ``rule`` (``adamw`` | ``lomo`` | ``adalomo``), ``max_grad_norm``,
   ``grads_reduced``, ``steps`` / ``max_steps``, ``epochs``, ``warmup_steps``, ``lr_scheduler_type``,
-  ``grad_accum``.
+  ``grad_accum``; the storage of the state: ``state_dtype`` (``fp32`` | ``bf16`` | ``int8``), ``master_dtype``
+  (``null`` / ``none``: no fp32 master), ``kahan_sum`` (in the HF form through ``optim_args``, e.g.
+  ``"state_dtype=int8,master_dtype=none,kahan_sum=true"``).
 
 Keys both forms understand:
 
@@ -54,7 +56,14 @@ Keys both forms understand:
   ``no_decay`` (list of regular expressions searched in parameter names; when given it alone decides).
 * **Resuming.** ``resume_from_checkpoint`` (path or ``true``) with ``load_optimizer: false`` (also
   ``load_optimizer_state: false``, ``skip_optimizer_state: true``) or HF's ``save_only_model: true``.
-* **Other.** ``fp16``, ``world_size``, ``lr_max`` / ``peak_lr`` (the schedule's peak when it is not ``lr``).
+* **Precision.** ``param_dtype`` (also ``dtype``, ``torch_dtype``, or ``model_init_kwargs.torch_dtype``): the
+  dtype the model's weights are loaded in (``bf16``, ``fp16``, ``fp32``; HF's ``bf16: true`` is autocast and
+  says nothing about it). Trainable tensors, for ``int8-small-tensors``: MODEL_CONFIG's (a full fine-tune), or its
+  LoRA adapters with ``lora_r`` (``lora_rank``) and ``lora_target_modules`` (a list, a comma list or
+  ``all-linear``; default ``q_proj,v_proj``, PEFT's for Llama), also as a ``lora`` / ``lora_config`` /
+  ``peft_config`` section with ``r`` and ``target_modules``.
+* **Other.** ``fp16``, ``world_size``, ``lr_max`` / ``peak_lr`` (the schedule's peak when it is not ``lr``),
+  ``deepspeed`` / ``zero_optimization`` / ``fsdp`` (a sharded setup, for ``bnb-8bit-with-sharding``).
 
 MODEL_CONFIG (``--model``) is a Hugging Face ``config.json``. The parameter names and shapes come from building the
 model on the ``meta`` device with transformers (no weights, no memory) when transformers is installed, else from
@@ -119,6 +128,13 @@ code                                      severity  fires when
                                                     schedule's peak (unknown scheduler, or a peak ≠ lr given)
 ``run-length-unknown``                    info      neither ``max_steps`` nor epochs × steps per epoch
 ``steps-per-epoch-unknown``               info      the run length is known but not the epoch length
+``no-master-no-kahan``                    warn      bf16/fp16 weights updated in their own dtype: ours with
+                                                    ``master_dtype=None`` and no ``kahan_sum``, or torch AdamW
+                                                    on a model loaded in bf16/fp16
+``int8-small-tensors``                    info      ``state_dtype="int8"`` where most trainable elements are in
+                                                    tensors under 4096 elements (they keep fp32 moments)
+``bnb-8bit-with-sharding``                info      a bitsandbytes 8-bit optimizer with several ranks, DeepSpeed
+                                                    or FSDP (``state_dtype="int8"`` shards the same state)
 ========================================  ========  =========================================================
 """
 
@@ -147,6 +163,10 @@ WARMUP_MAX_FRACTION = 0.25
 """warmup-too-long above this fraction of the run."""
 BETA2_MAX_RUN_FRACTION = 0.25
 """beta2-too-long-for-run when 1/(1-beta2) exceeds this fraction of the run."""
+INT8_MIN_NUMEL = 4096
+"""``zeroadamw.quant.MIN_QUANTIZED_NUMEL``: smaller tensors keep fp32 moments under ``state_dtype="int8"``."""
+INT8_FP32_FRACTION = 0.5
+"""int8-small-tensors when at least this fraction of the trainable elements sits in tensors under 4096 elements."""
 
 _INSTALLED_DEFAULT = object()  # a default read from the installed transformers when needed (hf_default_optim)
 # HF TrainingArguments defaults (transformers 4.46 - 5.x) for the keys the doctor reads
@@ -179,13 +199,16 @@ _ALIASES = {
     "len_dataloader": "batches_per_epoch", "dataloader_length": "batches_per_epoch",
     "nproc": "world_size", "nproc_per_node": "world_size", "num_processes": "world_size", "peak_lr": "lr_max",
     "max_lr": "lr_max",
+    "kahan": "kahan_sum", "dtype": "param_dtype", "torch_dtype": "param_dtype", "model_dtype": "param_dtype",
+    "lora_rank": "lora_r", "target_modules": "lora_target_modules",
 }
 # keys only a TrainingArguments-style config has (any of them -> the HF form)
 _HF_MARKERS = ("output_dir", "per_device_train_batch_size", "adam_beta1", "adam_beta2", "adam_epsilon",
                "num_train_epochs", "optim", "optim_args", "learning_rate", "warmup_ratio",
                "save_strategy", "logging_steps", "resume_from_checkpoint", "save_only_model", "ignore_data_skip")
 # keys only ShardedAdamW has: with the HF form and no `optim`, they mean optim=zeroadamw
-_OURS_MARKERS = ("decay", "stage", "step_in_backward", "rule", "grads_reduced")
+_OURS_MARKERS = ("decay", "stage", "step_in_backward", "rule", "grads_reduced", "state_dtype", "master_dtype",
+                 "kahan_sum")
 
 # HF scheduler names whose peak is the optimizer's lr (LambdaLR multiplies initial_lr by a factor <= 1)
 _KNOWN_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -350,6 +373,13 @@ def _flatten(cfg: dict) -> dict:
     elif isinstance(oa, dict):
         for k, v in oa.items():
             put(k, v, overwrite=False)
+    mik = flat.get("model_init_kwargs")  # TRL's SFTConfig: how the model is loaded
+    if isinstance(mik, dict) and (mik.get("torch_dtype") or mik.get("dtype")):
+        put("param_dtype", mik.get("torch_dtype") or mik.get("dtype"), overwrite=False)
+    for section in ("lora", "lora_config", "peft_config"):
+        if isinstance(cfg.get(section), dict):
+            for k, v in cfg[section].items():
+                put({"r": "lora_r", "target_modules": "lora_target_modules"}.get(k, f"lora_{k}"), v, overwrite=False)
     betas = flat.pop("betas", None)
     if isinstance(betas, str):
         betas = _parse_value(betas)
@@ -491,6 +521,35 @@ def _validate(run: _Run, invalid: list) -> None:
             invalid.append(("stage", f"stage={stage!r} is not 1 or 2"))
         if _truthy(run.raw.get("step_in_backward")) and stage == 1:
             invalid.append(("stage", "step_in_backward needs stage=2 (it reduces and updates during backward)"))
+        _validate_precision(run, invalid)
+
+
+_STATE_DTYPES = ("fp32", "bf16", "int8")  # zeroadamw.storage.STATE_DTYPES
+
+
+def _precision_options(raw: dict) -> tuple[str | None, bool, bool]:
+    """ShardedAdamW's (state_dtype, an fp32 master for bf16/fp16 params, kahan_sum) as the config sets them:
+    state_dtype None (or "auto") = automatic; master_dtype absent = fp32 (the default), null / "none" = none."""
+    sd = raw.get("state_dtype")
+    sd = None if sd is None or str(sd).strip().lower() in ("", "auto", "none", "null") else str(sd).strip().lower()
+    master = not ("master_dtype" in raw and (raw["master_dtype"] is None or
+                                             str(raw["master_dtype"]).strip().lower() in ("", "none", "null")))
+    return sd, master, _truthy(raw.get("kahan_sum", False))
+
+
+def _validate_precision(run: _Run, invalid: list) -> None:
+    """state_dtype / master_dtype / kahan_sum: what ShardedAdamW's constructor refuses (options.validate_precision)."""
+    sd, master, kahan = _precision_options(run.raw)
+    if sd is not None and sd not in _STATE_DTYPES:
+        invalid.append(("state_dtype", f"state_dtype={run.raw['state_dtype']!r} is not one of "
+                        f"{', '.join(_STATE_DTYPES)} (or unset: automatic)"))
+    elif sd not in (None, "fp32") and run.rule != "adamw":
+        invalid.append(("state_dtype", f"state_dtype={sd!r} stores Adam moments; rule={run.rule!r} keeps none"))
+    if kahan and master:
+        invalid.append(("master_dtype", "kahan_sum=True replaces the fp32 master by a compensation buffer and "
+                        "needs master_dtype=None (null), which the config does not set"))
+    if kahan and run.rule == "adalomo":
+        invalid.append(("kahan_sum", "kahan_sum=True is implemented for rule adamw and lomo, not adalomo"))
 
 
 def _steps_per_epoch(raw: dict, ga: int, invalid: list) -> float | None:
@@ -581,6 +640,7 @@ class ParamInfo:
     name: str
     numel: int
     kind: str  # "embedding" | "norm" | "bias" | "matrix"
+    shape: tuple[int, ...] = ()
 
 
 def model_parameters(model_config: dict, use_transformers: bool = True) -> list[ParamInfo]:
@@ -635,7 +695,7 @@ def _params_from_transformers(model_config: dict) -> list[ParamInfo]:
             kind = "norm" if re.search(r"norm|ln", full) else "bias"
         else:
             kind = "matrix"
-        params.append(ParamInfo(full, int(p.numel()), kind))
+        params.append(ParamInfo(full, int(p.numel()), kind, tuple(int(d) for d in p.shape)))
     return params
 
 
@@ -647,23 +707,23 @@ def _params_llama_layout(c: dict) -> list[ParamInfo]:
     nkv = int(c.get("num_key_value_heads") or nh)
     hd = int(c.get("head_dim") or H // nh)
     attn_bias, mlp_bias = bool(c.get("attention_bias", False)), bool(c.get("mlp_bias", False))
-    P = [ParamInfo("model.embed_tokens.weight", V * H, "embedding")]
+    P = [ParamInfo("model.embed_tokens.weight", V * H, "embedding", (V, H))]
     for i in range(L):
         pre = f"model.layers.{i}."
         for proj, (o, n) in {"q_proj": (nh * hd, H), "k_proj": (nkv * hd, H), "v_proj": (nkv * hd, H),
                              "o_proj": (H, nh * hd)}.items():
-            P.append(ParamInfo(f"{pre}self_attn.{proj}.weight", o * n, "matrix"))
+            P.append(ParamInfo(f"{pre}self_attn.{proj}.weight", o * n, "matrix", (o, n)))
             if attn_bias:
-                P.append(ParamInfo(f"{pre}self_attn.{proj}.bias", o, "bias"))
+                P.append(ParamInfo(f"{pre}self_attn.{proj}.bias", o, "bias", (o,)))
         for proj, (o, n) in {"gate_proj": (ffn, H), "up_proj": (ffn, H), "down_proj": (H, ffn)}.items():
-            P.append(ParamInfo(f"{pre}mlp.{proj}.weight", o * n, "matrix"))
+            P.append(ParamInfo(f"{pre}mlp.{proj}.weight", o * n, "matrix", (o, n)))
             if mlp_bias:
-                P.append(ParamInfo(f"{pre}mlp.{proj}.bias", o, "bias"))
-        P.append(ParamInfo(f"{pre}input_layernorm.weight", H, "norm"))
-        P.append(ParamInfo(f"{pre}post_attention_layernorm.weight", H, "norm"))
-    P.append(ParamInfo("model.norm.weight", H, "norm"))
+                P.append(ParamInfo(f"{pre}mlp.{proj}.bias", o, "bias", (o,)))
+        P.append(ParamInfo(f"{pre}input_layernorm.weight", H, "norm", (H,)))
+        P.append(ParamInfo(f"{pre}post_attention_layernorm.weight", H, "norm", (H,)))
+    P.append(ParamInfo("model.norm.weight", H, "norm", (H,)))
     if not c.get("tie_word_embeddings", False):
-        P.append(ParamInfo("lm_head.weight", V * H, "matrix"))
+        P.append(ParamInfo("lm_head.weight", V * H, "matrix", (V, H)))
     return P
 
 
@@ -892,6 +952,40 @@ FINDINGS: dict[str, FindingKind] = {k.code: k for k in (
         "part of the data.",
         "Add `steps_per_epoch` (optimizer steps per epoch, after gradient accumulation), or `batches_per_epoch` "
         "(len(train_dataloader)), or `num_train_samples` + batch size + world_size."),
+    FindingKind(
+        "no-master-no-kahan", "warn", "low-precision weights updated without a master or Kahan compensation",
+        "Each update is rounded to the weight's own precision: one smaller than half a {dtype} ulp of the weight "
+        "({half_ulp:.2%} to {half_ulp2:.2%} of it) is lost, not accumulated. Adam's updates are at most about lr "
+        "per element, so at lr {lr:.3g} any update to a weight above {lost_above:.2g} in magnitude that is no "
+        "larger than lr rounds away -- and most of a fine-tune's are that small. The loss can look fine while "
+        "the weights barely move.",
+        "Set `kahan_sum: true` (with `master_dtype: null`): a {dtype} compensation buffer (2 B per param, sharded) "
+        "keeps what the rounding drops, and the weights train like mixed precision; or drop `master_dtype: null` "
+        "for the fp32 master (4 B per param).",
+        variants={
+            "adalomo": Variant(fix="Drop `master_dtype: null` for the fp32 master (kahan_sum is not implemented for "
+                                   "adalomo)."),
+            "torch": Variant(fix="Use `optim: zeroadamw` (ShardedAdamW keeps an fp32 master of bf16/fp16 params by "
+                                 "default, or with `optim_args: master_dtype=none,kahan_sum=true` a 2-byte "
+                                 "compensation instead), or load the model in fp32 and train under bf16 autocast."),
+        }),
+    FindingKind(
+        "int8-small-tensors", "info", "int8 optimizer state: most trainable elements stay fp32",
+        "ShardedAdamW quantizes only tensors of at least 4096 elements (bitsandbytes' min_8bit_size); smaller ones "
+        "(norm gains, biases, the LoRA adapters of a narrow model) keep fp32 moments, 8 B per element instead of "
+        "2.03, so the saving is smaller than state_dtype='int8' suggests.",
+        "Expect {moment_bytes:.2f} B per trainable element for the moments, not 2.03 (`zeroadamw estimate` "
+        "counts it per tensor); `state_dtype: bf16` stores every tensor at 4 B."),
+    FindingKind(
+        "bnb-8bit-with-sharding", "info", "bitsandbytes 8-bit optimizer on several ranks",
+        "bitsandbytes keeps its 8-bit state per process, for whatever tensors it is handed: next to DDP every rank "
+        "holds all of it; under DeepSpeed ZeRO or FSDP it quantizes the flat shards they hand it, so its blocks "
+        "follow their cuts, not the parameters. ShardedAdamW's state_dtype='int8' is the same block-wise 8-bit "
+        "Adam state (bitsandbytes' dynamic maps, 256-element blocks, fp32 under 4096 elements), sharded 1/N with "
+        "blocks aligned to each parameter, so a checkpoint reshards to any world size.",
+        "Use ShardedAdamW(..., state_dtype='int8'): HF `optim: zeroadamw` with `optim_args: state_dtype=int8` (or "
+        "ZeroTrainer(zeroadamw=dict(state_dtype='int8'))); add `master_dtype=None, kahan_sum=True` to drop the "
+        "fp32 master of bf16 weights too."),
 )}
 CODES: dict[str, str] = {code: kind.title for code, kind in FINDINGS.items()}
 """code -> one-line title of every finding kind (:data:`FINDINGS` has the rest)."""
@@ -930,6 +1024,58 @@ class DecayGroups:
     params: dict | None  # the summary's model counts (with MODEL_CONFIG)
 
 
+_MOMENT_BYTES = {"fp32": 8.0, "fp64": 16.0, "bf16": 4.0, "fp16": 4.0, "int8": 2 + 8 / 256}  # both moments
+
+
+@dataclass
+class Precision:
+    """The params' dtype, how ShardedAdamW stores the state (``state_dtype``, an fp32 master or ``kahan_sum``),
+    whether the optimizer is a bitsandbytes 8-bit one, what shards the run, and the trainable tensors."""
+
+    param_dtype: str | None  # "bf16" | "fp16" | "fp32" | "fp64"; None: the config does not say
+    state_dtype: str | None  # None: automatic
+    master: bool  # an fp32 master of bf16/fp16 params (ShardedAdamW's default)
+    kahan: bool
+    bnb_8bit: bool
+    sharded_by: str | None  # "world_size 8", "DeepSpeed", "FSDP"; None: one process
+    trainable: list[ParamInfo] | None  # with MODEL_CONFIG: its tensors, or the LoRA adapters
+    trainable_what: str | None  # "full fine-tune" | "LoRA r=8 on q_proj,v_proj"
+
+    @property
+    def low_precision(self) -> bool:
+        """bf16 / fp16 weights (or unknown: the options then matter as if they were)."""
+        return self.param_dtype not in ("fp32", "fp64")
+
+    def moments(self, param_dtype: str | None = None) -> str:
+        """The moments' storage for params of ``param_dtype`` (default: theirs; bf16 when unknown), as
+        ``zeroadamw.storage.moment_dtype`` picks it."""
+        dt = param_dtype or self.param_dtype or "bf16"
+        if self.state_dtype:
+            return self.state_dtype
+        if dt in ("fp32", "fp64"):
+            return dt
+        return "fp32" if self.master or self.kahan else dt
+
+    def weights(self) -> str:
+        if not self.low_precision:
+            return f"{self.param_dtype} weights, no master needed"
+        return ("fp32 master" if self.master else "Kahan compensation, no master" if self.kahan
+                else "no master, no Kahan")
+
+    def bytes_per_element(self) -> dict[str, float]:
+        """Optimizer state per trainable element (/ N per rank with ZeRO), moments + master or compensation, for
+        the params' dtype -- or, when the config does not say it, for bf16/fp16 and for fp32 params. Empty for a
+        ``state_dtype`` ShardedAdamW refuses (an invalid-value finding)."""
+        out: dict[str, float] = {}
+        for dt in ([self.param_dtype] if self.param_dtype else ["bf16", "fp32"]):
+            moments = _MOMENT_BYTES.get(self.moments(dt))
+            if moments is None:
+                return {}
+            extra = (4 if self.master else 2 if self.kahan else 0) if dt in ("bf16", "fp16") else 0
+            out["bf16/fp16" if self.param_dtype is None and dt == "bf16" else dt] = moments + extra
+        return out
+
+
 @dataclass
 class Context:
     """What every check reads, built once per config by :func:`build_context`."""
@@ -944,6 +1090,7 @@ class Context:
     no_opt_state: bool  # resuming without loading (or saving) the optimizer state
     fp16: bool
     step_in_backward: bool  # ours, fused or not
+    precision: Precision | None = None
 
     @property
     def raw(self) -> dict:
@@ -988,11 +1135,10 @@ _ASSUMED_GROUPING = ("; assumed, since the config does not say how param groups 
                      "`decay_embeddings`")
 
 
-def _decay_groups(run: _Run, model_config: dict | None, use_transformers: bool) -> DecayGroups:
+def _decay_groups(run: _Run, model_config: dict | None, plist: list[ParamInfo] | None) -> DecayGroups:
     decays, desc, assumed = _decay_rule(run)
     params = None
-    if model_config is not None:
-        plist = model_parameters(model_config, use_transformers=use_transformers)
+    if model_config is not None and plist is not None:
         dec = [p for p in plist if decays(p.name, p.kind)]
         params = {"total": sum(p.numel for p in plist), "decayed": sum(p.numel for p in dec),
                   "tensors": len(plist), "decayed_tensors": len(dec), "grouping": desc}
@@ -1006,6 +1152,56 @@ def _decay_groups(run: _Run, model_config: dict | None, use_transformers: bool) 
     return DecayGroups(nb, emb, grouping, model_config is not None, tied, params)
 
 
+_DTYPES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16", "fp32": "fp32",
+           "float32": "fp32", "float": "fp32", "fp64": "fp64", "float64": "fp64", "double": "fp64"}
+_BNB_8BIT = re.compile(r"8[_-]?bit")  # adamw_bnb_8bit, paged_adamw_8bit, lion_8bit, AdamW8bit, bnb.optim.Adam8bit
+
+
+def _sharded_by(raw: dict) -> str | None:
+    """What runs the model on several ranks: DeepSpeed, FSDP, or ``world_size`` > 1 (None: one process)."""
+    if _truthy(raw.get("deepspeed")) or isinstance(raw.get("zero_optimization"), dict):
+        return "DeepSpeed"
+    if _truthy(raw.get("fsdp")):
+        return "FSDP"
+    world = int(_num(raw.get("world_size"), 1) or 1)
+    return f"world_size {world}" if world > 1 else None
+
+
+def _lora_adapters(raw: dict, plist: list[ParamInfo]) -> tuple[list[ParamInfo], str]:
+    """PEFT LoRA's lora_A [r, in] / lora_B [out, r] for the 2-D weights of the target modules (a name or a
+    dotted suffix of the module's name; ``all-linear``: every matrix but the output layer)."""
+    r = int(_num(raw.get("lora_r"), 0) or 0)
+    targets = raw.get("lora_target_modules") or ["q_proj", "v_proj"]  # PEFT's default for Llama
+    if isinstance(targets, str):
+        targets = [x.strip() for x in targets.split(",") if x.strip()]
+    targets = [str(x) for x in targets]
+    out = []
+    for p in plist:
+        base, _, leaf = p.name.rpartition(".")
+        if p.kind != "matrix" or len(p.shape) != 2 or leaf != "weight":
+            continue
+        if (targets == ["all-linear"] and p.name != "lm_head.weight") or any(
+                base == x or base.endswith("." + x) for x in targets):
+            o, i = p.shape
+            out += [ParamInfo(f"{base}.lora_A.weight", r * i, "matrix", (r, i)),
+                    ParamInfo(f"{base}.lora_B.weight", o * r, "matrix", (o, r))]
+    return out, f"LoRA r={r} on {','.join(targets)}"
+
+
+def _precision(run: _Run, plist: list[ParamInfo] | None) -> Precision:
+    raw = run.raw
+    dt = raw.get("param_dtype")
+    dt = _DTYPES.get(str(dt).strip().lower().removeprefix("torch.")) if dt is not None else None
+    sd, master, kahan = _precision_options(raw)
+    trainable = what = None
+    if plist is not None:
+        trainable, what = plist, "full fine-tune"
+        if _num(raw.get("lora_r"), 0):
+            trainable, what = _lora_adapters(raw, trainable)
+    return Precision(dt, sd, master, kahan, bool(_BNB_8BIT.search(run.optim)) and not run.zero, _sharded_by(raw),
+                     trainable, what)
+
+
 def build_context(config: dict, model_config: dict | None = None, *, use_transformers: bool = True) -> Context:
     """Normalise ``config`` and derive what the checks share (timescale, decayed params, resume state)."""
     run = _normalise(config)
@@ -1014,6 +1210,9 @@ def build_context(config: dict, model_config: dict | None = None, *, use_transfo
     wd_effective = 0.0 if hf_lomo else run.wd  # Trainer passes only lr to lomo_optim (decay-ignored)
     lr_peak = _num(raw.get("lr_max")) or run.lr
     resuming = _truthy(raw.get("resume_from_checkpoint"))
+    plist = None  # the model's tensors, for the decay groups and int8-small-tensors
+    if model_config is not None and (wd_effective > 0 or _precision_options(raw)[0] == "int8"):
+        plist = model_parameters(model_config, use_transformers=use_transformers)
     no_opt_state = resuming and (
         ("load_optimizer" in raw and not _truthy(raw["load_optimizer"]))
         or _truthy(raw.get("skip_optimizer_state")) or _truthy(raw.get("ignore_optimizer_state"))
@@ -1021,10 +1220,11 @@ def build_context(config: dict, model_config: dict | None = None, *, use_transfo
     return Context(
         run=run, hf_lomo=hf_lomo, wd_effective=wd_effective, lr_peak=lr_peak,
         tau=_timescale(run, wd_effective, lr_peak),
-        groups=_decay_groups(run, model_config, use_transformers) if wd_effective > 0 else None,
+        groups=_decay_groups(run, model_config, plist) if wd_effective > 0 else None,
         resuming=resuming, no_opt_state=no_opt_state,
         fp16=_truthy(raw.get("fp16")) or str(raw.get("mixed_precision", "")).lower() == "fp16",
-        step_in_backward=run.zero and _truthy(raw.get("step_in_backward")))
+        step_in_backward=run.zero and _truthy(raw.get("step_in_backward")),
+        precision=_precision(run, plist))
 
 
 # -------------------------------------------------------------------------------------------------- checks
@@ -1265,6 +1465,59 @@ def check_independent_schedule_peak(ctx: Context) -> list[Finding]:
                      {"lr": run.lr, "lr_max": peak, "scheduler": sched})]
 
 
+_HALF_ULP = {"bf16": 2.0**-9, "fp16": 2.0**-12}  # an update below this fraction of |w| may round away
+
+
+def check_no_master_no_kahan(ctx: Context) -> list[Finding]:
+    """bf16/fp16 weights updated in their own dtype: ours with master_dtype=None and no Kahan, or torch AdamW on
+    weights loaded in bf16/fp16."""
+    p, run = ctx.precision, ctx.run
+    if p is None or run.lr <= 0:
+        return []
+    if run.zero and not p.master and not p.kahan and p.low_precision:
+        variant = "adalomo" if run.rule == "adalomo" else None
+        what = "master_dtype=None without kahan_sum"
+    elif not run.zero and p.param_dtype in _HALF_ULP and run.optim.startswith("adam") and not p.bnb_8bit \
+            and "anyprecision" not in run.optim:  # torch AdamW / Adam (AnyPrecisionAdamW has its own Kahan)
+        variant, what = "torch", f"optim '{run.optim}' (torch AdamW, no master copy)"
+    else:
+        return []
+    dtype = p.param_dtype or "bf16"
+    half = _HALF_ULP[dtype]
+    known = "" if p.param_dtype else " (the config does not say the params' dtype: if they are bf16; set `param_dtype`)"
+    # |w| >= lr / half: the half ulp of w (2**-8 to 2**-9 of |w| for bf16) exceeds lr, so an update of lr rounds away
+    return [_finding("no-master-no-kahan", f"{what}: {dtype} weights are updated in {dtype}{known}.",
+                     {"param_dtype": p.param_dtype, "lr": run.lr, "lost_above": run.lr / half},
+                     variant=variant, dtype=dtype, half_ulp=half, half_ulp2=2 * half, lr=run.lr,
+                     lost_above=run.lr / half)]
+
+
+def check_int8_small_tensors(ctx: Context) -> list[Finding]:
+    p = ctx.precision
+    if not (ctx.run.zero and p is not None and p.state_dtype == "int8" and p.trainable):
+        return []
+    total = sum(x.numel for x in p.trainable)
+    small = [x for x in p.trainable if x.numel < INT8_MIN_NUMEL]
+    frac = sum(x.numel for x in small) / total if total else 0.0
+    if frac < INT8_FP32_FRACTION:
+        return []
+    per = (1 - frac) * _MOMENT_BYTES["int8"] + frac * _MOMENT_BYTES["fp32"]
+    return [_finding(
+        "int8-small-tensors", f"state_dtype='int8' ({p.trainable_what}): {len(small):,} of {len(p.trainable):,} "
+        f"trainable tensors, {frac:.0%} of the {total:,} trainable elements, have fewer than {INT8_MIN_NUMEL:,} "
+        "elements and keep fp32 moments.",
+        {"fp32_fraction": frac, "small_tensors": len(small), "tensors": len(p.trainable), "elements": total,
+         "moment_bytes_per_element": per}, moment_bytes=per)]
+
+
+def check_bnb_8bit_with_sharding(ctx: Context) -> list[Finding]:
+    p = ctx.precision
+    if p is None or not (p.bnb_8bit and p.sharded_by):
+        return []
+    return [_finding("bnb-8bit-with-sharding", f"optim '{ctx.run.optim}' (bitsandbytes 8-bit) with {p.sharded_by}.",
+                     {"optim": ctx.run.optim, "sharded_by": p.sharded_by})]
+
+
 CHECKS = [
     check_invalid_values,
     check_decay_ignored,
@@ -1286,6 +1539,9 @@ CHECKS = [
     check_resume_optimizer_state,
     check_resume_data_skip,
     check_independent_schedule_peak,
+    check_no_master_no_kahan,
+    check_int8_small_tensors,
+    check_bnb_8bit_with_sharding,
 ]
 """The checks :func:`summarize` runs, in order (the findings are then sorted, errors first, stably)."""
 
@@ -1333,10 +1589,23 @@ def _summary(ctx: Context, findings: list[Finding]) -> dict:
         "tau_band_steps": list(t.band) if t and t.band else None,
         "beta2_horizon_steps": (1.0 / (1.0 - run.beta2)) if run.beta2 < 1 else None,
         "params": ctx.groups.params if ctx.groups else None,
+        "precision": _precision_summary(ctx),
         "assumed": run.assumed,
         "counts": {s: sum(f.severity == s for f in findings) for s in SEVERITIES},
     }
     return _jsonable(summary)
+
+
+def _precision_summary(ctx: Context) -> dict | None:
+    """ShardedAdamW's state storage (``optim: zeroadamw``), else the params' dtype and a bitsandbytes 8-bit flag."""
+    p = ctx.precision
+    if p is None:
+        return None
+    if not ctx.run.zero:
+        return {"param_dtype": p.param_dtype, "bitsandbytes_8bit": p.bnb_8bit} if p.param_dtype or p.bnb_8bit else None
+    return {"param_dtype": p.param_dtype, "state_dtype": p.state_dtype, "moments": p.moments(),
+            "master_dtype": "fp32" if p.master and p.low_precision else None, "kahan_sum": p.kahan,
+            "weights": p.weights(), "state_bytes_per_element": p.bytes_per_element(), "trainable": p.trainable_what}
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -1381,6 +1650,12 @@ def _human(findings: list[Finding], summary: dict, path: str) -> str:
     if s["params"]:
         p = s["params"]
         lines.append(f"  model: {p['total']:,} params, {p['decayed']:,} decayed ({p['grouping']})")
+    pr = s.get("precision")
+    if pr and "moments" in pr and pr["state_bytes_per_element"]:
+        small = f" (tensors under {INT8_MIN_NUMEL} elements: fp32)" if pr["moments"] == "int8" else ""
+        per = ", ".join(f"{v:.3g} B for {k} params" for k, v in pr["state_bytes_per_element"].items())
+        lines.append(f"  state: {pr['moments']} moments{small}, {pr['weights']}; per trainable element {per} "
+                     "(/ N per rank)")
     if s["assumed"]:
         lines.append("  assumed defaults: " + ", ".join(s["assumed"]))
     lines.append("")

@@ -593,7 +593,8 @@ def _zero_row(m: str, s: _Setup, label: str) -> Estimate:
             grads = b.full(n, p, IN_FLIGHT) + ACC_BYTES * max(b.shards(n), default=0)
             notes.append("up to 3 full-size buckets in flight + one reduced shard being applied; no 1/N shard kept")
         if spec.count_only is not None:
-            notes.append("bare count: assumes no tensor exceeds the bucket size (a large embedding does: pass a config)")
+            notes.append("bare count: assumes no tensor exceeds the bucket size (a large embedding does: pass a "
+                         "config)")
     else:
         grads = _sharded_grads(b, n, p, psi)
         notes.append("one process: param.grad, no buckets" if n == 1 else

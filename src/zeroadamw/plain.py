@@ -65,6 +65,7 @@ def _working(p: Tensor, st: dict) -> tuple[tuple[Tensor, ...], bool]:
     if m.dtype == torch.uint8:
         m = quant.dequantize_tensor(m, st["exp_avg_absmax"], True)
         v = quant.dequantize_tensor(v, st["exp_avg_sq_absmax"], False)
+        quant.guard_underflow(m, v)
     return (t, p.grad.to(cd), m.to(cd), v.to(cd)), True
 
 

@@ -15,6 +15,13 @@ state start every parameter on a block boundary and cut shards on block boundari
 ``align``), so a parameter has the same codes and scales at every world size and bucket size, and resharding
 a checkpoint moves codes and scales unchanged.
 
+**Underflow guard.** ``exp_avg_sq`` spans the square of the gradients' range: in a block that also holds large
+values, an element whose ``v`` is below ~1.6e-7 of the block's maximum quantizes to 0 while its ``m`` (relative
+size ~4e-4) does not, and the update ``m / (sqrt(0) + eps)`` would be ``m / eps`` -- the blow-up 8-bit Adam is
+known for on rarely-updated rows (bitsandbytes recommends its StableEmbedding for it). :func:`guard_underflow`
+zeroes ``m`` wherever the dequantized ``v`` is 0: that element restarts from its current gradient (an update of
+at most ``(1 - beta1) / sqrt(1 - beta2)`` times the lr) instead of dividing by ``eps``.
+
 Pure tensor functions, no host reads: they run on the device, per bucket, around the fp32 update math.
 """
 
@@ -26,7 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BLOCK", "MIN_QUANTIZED_NUMEL", "dynamic_map", "zero_code", "quantize", "dequantize", "nblocks",
-           "quantize_tensor", "dequantize_tensor"]
+           "quantize_tensor", "dequantize_tensor", "guard_underflow"]
 
 BLOCK = 256
 # Smaller tensors (biases, norm weights) keep fp32 moments: too few bytes to matter, and the most sensitive
@@ -122,6 +129,11 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool, out: Tensor | None =
         return vals.view(-1)
     out.view(-1, BLOCK).copy_(vals)
     return out
+
+
+def guard_underflow(m: Tensor, v: Tensor) -> None:
+    """In place: ``m = 0`` where the dequantized second moment ``v`` is 0 (see the module docstring)."""
+    m.mul_(v.ne(0))
 
 
 def quantize_tensor(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:

@@ -95,6 +95,8 @@ class StateMixin:
         for kind, (_, t) in self._state_kinds(p).items():
             if kind == "master":
                 self._master_stale.add(p)
+            elif t.dtype == torch.uint8:  # int8 codes: the code of 0.0 (not code 0 in the signed map)
+                t.fill_(quant.zero_code(kind == "exp_avg"))
             else:
                 t.zero_()
 

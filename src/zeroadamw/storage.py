@@ -114,6 +114,7 @@ def working(bucket: "Bucket", idx: list[int], moments: bool) -> Working:
             b0, b1 = lo // quant.BLOCK, hi // quant.BLOCK
             m = quant.dequantize(bucket.exp_avg[lo:hi], bucket.exp_avg_absmax[b0:b1], True)
             v = quant.dequantize(bucket.exp_avg_sq[lo:hi], bucket.exp_avg_sq_absmax[b0:b1], False)
+            quant.guard_underflow(m, v)
             w.blocks.append((m, v))  # the tail past n is the param's block padding: zero codes, stays zero
             w.exp_avgs.append(m[:n])
             w.exp_avg_sqs.append(v[:n])
