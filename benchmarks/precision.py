@@ -1,14 +1,15 @@
 """Precision-aware state: quality and state bytes, side by side in one run.
 
-    python benchmarks/precision.py                          # 1,000 steps per mode (~25 min on 2 CPU cores)
+    python benchmarks/precision.py                          # 1,000 steps per mode (~30 min on 2 CPU cores)
     python benchmarks/precision.py --steps 60 --out /tmp    # smoke test
     python benchmarks/precision.py --replot                 # redraw docs/precision_quality.png from the JSON
+    python benchmarks/precision.py --state-bytes            # state bytes per rank, 49.9M LLaMA, N = 1, 2, 4 (~1 min)
 
 **Quality.** A small LLaMA (``LlamaForCausalLM`` from a config: 4 layers, hidden 128, heads 4, intermediate 344,
 byte vocabulary 256; 0.87M params) learns next-byte prediction on the docstrings of Python's standard library
-(``zeroadamw.demo.stdlib_corpus``: nothing downloaded), batch 16 x 128 bytes, lr 2e-3 with 5 % linear warm-up and
+(``zeroadamw.demo.stdlib_corpus``: nothing downloaded), batch 8 x 128 bytes, lr 2e-3 with 5 % linear warm-up and
 cosine decay to 10 %, weight decay 0.1 on matrices, betas (0.9, 0.95), for ``--steps`` steps. Validation loss
-(nats/byte) on a disjoint 5 % slice, 24 fixed batches, every 100 steps. The same init and batch order for every
+(nats/byte) on a disjoint 5 % slice, 16 fixed batches, every 100 steps. The same init and batch order for every
 mode. One process: the storage of the state does not depend on the world size (tests/test_precision.py checks
 the sharded state equals the one-process state bit for bit).
 
@@ -18,7 +19,9 @@ kahan_sum=True``), Kahan + int8 moments, the plain bf16 update (``master_dtype=N
 ``AdamW(kahan_sum=True)`` on the same bf16 model.
 
 **State bytes** per rank of each mode for the same model are ``opt.state_bytes()`` (torch / bnb / optimi: the
-bytes of their state tensors), per trainable parameter.
+bytes of their state tensors), per trainable parameter. ``--state-bytes`` measures them on N = 1, 2, 4 real gloo
+processes for the 49.9M-param LLaMA of benchmarks/compare.py in bf16 (each rank builds every mode's
+ShardedAdamW and its state; nothing is trained): ``docs/precision_state_bytes.md``.
 
 Outputs (``--out``, default ``docs/``): ``precision_quality.json`` (curves, final losses, ratios),
 ``precision_quality.md`` (the table) and ``precision_quality.png`` (the curves).
@@ -55,7 +58,7 @@ LABELS = {
     "zeroadamw_bf16_plain": "bf16 weights, plain bf16 update",
     "optimi_kahan": "optimi AdamW, bf16 weights, Kahan",
 }
-LR, WD, BETAS, BATCH, SEQ, EVAL_BATCHES = 2e-3, 0.1, (0.9, 0.95), 16, 128, 24
+LR, WD, BETAS, BATCH, SEQ, EVAL_BATCHES = 2e-3, 0.1, (0.9, 0.95), 8, 128, 16
 
 
 def make_model(dtype: torch.dtype):
@@ -208,20 +211,83 @@ def plot(out: str, results: list[dict]) -> None:
     fig.savefig(os.path.join(out, "precision_quality.png"), dpi=110)
 
 
+STATE_MODES = {"fp32 moments + fp32 master": {}, "bf16 moments + fp32 master": dict(state_dtype="bf16"),
+               "int8 moments + fp32 master": dict(state_dtype="int8"),
+               "fp32 moments + Kahan": dict(master_dtype=None, kahan_sum=True),
+               "bf16 moments + Kahan": dict(master_dtype=None, kahan_sum=True, state_dtype="bf16"),
+               "int8 moments + Kahan": dict(master_dtype=None, kahan_sum=True, state_dtype="int8")}
+
+
+def _state_bytes_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zeroadamw import ShardedAdamW
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8000, hidden_size=640, intermediate_size=1728, num_hidden_layers=8,
+                      num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    res = {}
+    for name, kw in STATE_MODES.items():
+        opt = ShardedAdamW(model.parameters(), lr=1e-3, **kw)
+        opt._init_state()
+        res[name] = opt.state_bytes()
+        del opt
+    torch.save({"rank": rank, "bytes": res, "params": sum(p.numel() for p in model.parameters())},
+               os.path.join(out, f"r{world}-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def state_bytes_table(out: str) -> None:
+    import tempfile
+
+    import torch.multiprocessing as tmp
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        for world in (1, 2, 4):
+            tmp.start_processes(_state_bytes_rank, args=(world, os.path.join(d, f"store{world}"), d),
+                                nprocs=world, start_method="spawn")
+            got = [torch.load(os.path.join(d, f"r{world}-{r}.pt")) for r in range(world)]
+            n = got[0]["params"]
+            rows[world] = {k: max(g["bytes"][k] for g in got) for k in STATE_MODES} | {"params": n}
+    lines = ["Command: `python benchmarks/precision.py --state-bytes`; 49.9M-param LLaMA (bf16 weights), real gloo "
+             "processes, `opt.state_bytes()` of the rank holding most; B/param x N = what one rank holds per "
+             "parameter of its 1/N.", "",
+             "| state | " + " | ".join(f"N = {w}: MiB/rank | B/param x N" for w in rows) + " |",
+             "|---|" + "---|---|" * len(rows)]
+    for k in STATE_MODES:
+        cells = [f"{rows[w][k] / 2**20:.1f} | {rows[w][k] * w / rows[w]['params']:.3f}" for w in rows]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    with open(os.path.join(out, "precision_state_bytes.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out, "precision_state_bytes.json"), "w") as f:
+        json.dump({str(w): r for w, r in rows.items()}, f, indent=1)
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     ap.add_argument("--out", default=os.path.join(HERE, "..", "docs"))
     ap.add_argument("--replot", action="store_true")
+    ap.add_argument("--state-bytes", action="store_true", help="the state-bytes table at N = 1, 2, 4 only")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.state_bytes:
+        return state_bytes_table(args.out)
     if args.replot:
         with open(os.path.join(args.out, "precision_quality.json")) as f:
             return plot(args.out, json.load(f)["results"])
     torch.set_num_threads(max(1, (os.cpu_count() or 2)))
     train, val = data()
     modes = args.modes if "torch_adamw" in args.modes else ["torch_adamw", *args.modes]
+    if args.modes == MODES:  # zeroadamw fp32 is torch AdamW bit for bit (tests/test_sharded_single.py): not re-run
+        modes = [m for m in modes if m != "zeroadamw_fp32"]
     results = [run_mode(m, args.steps, train, val) for m in modes]
     write(args.out, results, args.steps)
 

@@ -213,6 +213,13 @@ def test_state_bytes_count_every_byte(world_size):
     assert per["kahan"] == 10  # moments 8 + compensation 2: the master's 4 gone, 2 added
     assert per["kahan_int8"] == pytest.approx(2 + 2 + 8 / 256)
     assert per["kahan_int8"] - 2 <= 2.1  # int8 moments alone
+    if world_size == 1:  # zeroadamw.AdamW (no master: torch's storage) counts the same way
+        for sd, want in (("fp32", 10), ("int8", 2 + 2 + 8 / 256)):
+            p = torch.nn.Parameter(torch.randn(numel).to(torch.bfloat16))
+            o = AdamW([p], state_dtype=sd, kahan_sum=True)
+            p.grad = torch.randn_like(p)
+            o.step()
+            assert o.state_bytes() / numel == pytest.approx(want)
 
 
 # ------------------------------------------------------------------------------------ torch.optim idioms

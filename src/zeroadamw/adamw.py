@@ -113,6 +113,11 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
                 new[k] = st[k].detach().to(device=p.device, dtype=t.dtype).clone()
             self.state[p] = new
 
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state held: moments (int8 codes and scales), Kahan compensation; not ``step``."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items()
+                   if isinstance(t, Tensor) and k != "step")
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         loss = None
