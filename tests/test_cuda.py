@@ -244,6 +244,33 @@ def check_step_in_backward_sync_free(device, steps: int = 5, bucket_size: int = 
     return {"max_abs_diff": worst, "first_step_sync": _first_sync_site(device, bucket_size)}
 
 
+def check_precision_modes_sync_free(device, steps: int = 5) -> dict:
+    """int8 / bf16 moments and Kahan bf16 weights, N = 1: the fused step in backward runs every backward after
+    the first under sync-debug "error" and equals step() with the same storage; the run on ``device`` follows
+    the CPU run of the same mode (another kernel: to float tolerance)."""
+    from precision_workers import HP, MODES, batch, loss_of, make_net
+
+    worst = {}
+    for mode in ("int8", "kahan_int8", "bf16_moments"):
+        dtype, opts = MODES[mode]
+        nets = [make_net(dtype).to(device) for _ in range(2)] + [make_net(dtype)]
+        opts_ = [ShardedAdamW(nets[0].parameters(), **HP, **opts, step_in_backward=True),
+                 ShardedAdamW(nets[1].parameters(), **HP, **opts),
+                 ShardedAdamW(nets[2].parameters(), **HP, **opts)]
+        for step in range(steps):
+            for i, (net, opt) in enumerate(zip(nets, opts_)):
+                ids = batch(step).to(next(net.parameters()).device)
+                loss = loss_of(net, ids)
+                with sync_errors(device) if (step > 0 and i == 0) else contextlib.nullcontext():
+                    loss.backward()
+                opt.step()
+                opt.zero_grad()
+        assert _max_abs(nets[0].parameters(), nets[1].parameters()) <= 1e-6, mode
+        worst[mode] = _max_abs([p.cpu() for p in nets[1].parameters()], nets[2].parameters())
+        assert worst[mode] <= (2e-2 if dtype == "bfloat16" else 1e-4), (mode, worst[mode])
+    return worst
+
+
 def check_single_rank_process_group(device, backend: str | None, steps: int = 3) -> str:
     """In-process ``init_process_group`` with one rank; ShardedAdamW stage 2 (default group and the explicit
     WORLD group) equals torch AdamW; SparseAdamW with a rows group over ``new_group([0])`` steps. Returns what
@@ -411,6 +438,11 @@ def test_step_in_backward_does_not_sync_and_equals_stage2(record_property):
     res = check_step_in_backward_sync_free("cuda")
     record_property("max_abs_diff", res["max_abs_diff"])
     record_property("first_step_sync", res["first_step_sync"] or "none")
+
+
+def test_precision_modes_step_in_backward_sync_free(record_property):
+    for mode, d in check_precision_modes_sync_free("cuda").items():
+        record_property(f"max_abs_vs_cpu_{mode}", d)
 
 
 @pytest.mark.parametrize("backend", ["nccl", None, "cpu:gloo,cuda:nccl"], ids=["nccl", "no-backend", "cpu-gloo-cuda-nccl"])

@@ -90,6 +90,15 @@ def test_one_process_equals_the_reference_bit_for_bit(mode, cls):
         assert sd[4]["exp_avg"].dtype == torch.float32  # the LayerNorm weight (80 elements): fp32
 
 
+def test_gpu_tier_check_runs_here():
+    """The CUDA tier's check (tests/test_cuda.py, run by scripts/gpu_check.sh) on CPU: step in backward equals
+    step() for each storage, N = 1 (DirectBucket path). On a GPU it also runs under sync-debug "error"."""
+    from test_cuda import check_precision_modes_sync_free
+
+    worst = check_precision_modes_sync_free("cpu")
+    assert set(worst) == {"int8", "kahan_int8", "bf16_moments"} and max(worst.values()) == 0.0
+
+
 def test_kahan_tracks_the_fp32_master_and_plain_bf16_does_not():
     """Small updates (lr 1e-5, far below a bf16 ulp of the weights): Kahan's param + compensation follows the
     fp32-master run; the plain bf16 update loses most of them."""
@@ -162,6 +171,13 @@ def test_sharded_equals_the_reference_at_every_world_size(mode, world_size, extr
 @pytest.mark.parametrize("mode,clip", [("kahan_int8", None), ("int8", 0.05)])
 def test_step_in_backward_equals_step(mode, clip):
     assert all(run(W.in_backward_matches_step, 2, mode, clip))
+
+
+@pytest.mark.parametrize("mode,sib,clip", [("kahan_int8", True, None), ("int8", True, 1.0), ("bf16_moments", False, None)])
+def test_no_host_reads_in_backward_and_at_most_two_per_step(mode, sib, clip):
+    for r in run(W.host_reads, 2, mode, sib, clip):
+        assert all(n == 0 for n in r["backward"][2:]), (r["backward"], r["where"][2:])
+        assert all(n <= 2 for n in r["step"][2:]), (r["step"], r["where"][2:])
 
 
 def test_skipped_step_keeps_codes_scales_and_compensation():
