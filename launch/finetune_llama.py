@@ -12,10 +12,15 @@ machines (``make demo``):
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 launch/finetune_llama.py
 
+QLoRA runs there too (bitsandbytes' NF4 layers on CPU): ``--qlora`` builds that small LLaMA, saves it to
+``<output_dir>/qlora_base/`` and loads it 4-bit; ``--state_dtype fp32|bf16|int8`` and ``--kahan_sum`` (with
+``--torch_dtype bfloat16``: bf16 adapters) choose how ShardedAdamW stores the adapters' state.
+
 At the end rank 0 prints a per-rank memory table (params / grads / optimizer state / peak) against what
 torch.optim.AdamW would have needed, and writes ``<output_dir>/loss.png``, ``diagnostics.png`` (from
-``diagnostics.jsonl``, which the diagnostics callback writes during training), ``log_history.jsonl`` and
-``memory.json`` -- and lists them.
+``diagnostics.jsonl``, which the diagnostics callback writes during training), ``log_history.jsonl``,
+``memory.json`` (with the optimizer state by moment storage) and ``model.json`` (the trainable params, the 4-bit
+layers) -- and lists them.
 """
 
 from __future__ import annotations
@@ -208,6 +213,12 @@ def build_model(margs: ModelArguments, zargs: ZeroArguments, targs):
             for m in model.modules():
                 if isinstance(m, bnb.nn.Linear4bit):
                     m.support_avx512bf16_for_cpu = False
+            # the weights that stay unquantized (embeddings, norms, lm_head) are views of the checkpoint's memory
+            # map, which keeps every page of the (fp32) file that the 4-bit load read resident: copy them out,
+            # and the map -- the size of the unquantized model -- goes
+            for p in model.parameters():
+                if type(p).__name__ != "Params4bit":
+                    p.data = p.data.clone()
         tokenizer = AutoTokenizer.from_pretrained(path) if margs.model_name_or_path else ByteTokenizer()
     elif margs.model_name_or_path:
         model = AutoModelForCausalLM.from_pretrained(margs.model_name_or_path, torch_dtype=dtype or "auto")
@@ -245,9 +256,7 @@ def zeroadamw_precision(zargs: ZeroArguments, model) -> tuple[dict, list[str]]:
             raise SystemExit("--kahan_sum replaces the fp32 master by a compensation buffer: drop --master_dtype fp32 "
                              "(--kahan_sum sets --master_dtype none)")
         kw.update(kahan_sum=True, master_dtype=None)
-        low = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
-                      if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
-        if not low:
+        if not any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters()):
             notes.append("note: --kahan_sum applies to bf16/fp16 trainable params; these are all float32, so it "
                          "changes nothing here (fp32 moments, no master, no compensation). For bf16 LoRA adapters "
                          "pass --torch_dtype bfloat16")
@@ -306,13 +315,16 @@ def param_bytes(p: torch.Tensor) -> int:
     return n
 
 
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
 def state_by_storage(opt) -> dict[str, dict[str, int]]:
     """ShardedAdamW's state on this rank by moment storage ("fp32", "bf16", "int8", ...; "+kahan" / "+master"
     where the weights keep a compensation / master): trainable elements of the buckets of that kind (whole model,
     not the shard) and the state bytes this rank holds for them."""
     out: dict[str, dict[str, int]] = {}
     for b in opt.engine.buckets:
-        kind = b.moments if isinstance(b.moments, str) else str(b.moments).replace("torch.", "").replace("float", "fp")
+        kind = b.moments if isinstance(b.moments, str) else _SHORT.get(b.moments, str(b.moments))
         kind += "+kahan" if b.kahan_comp is not None else "+master" if b.master is not None else ""
         d = out.setdefault(kind, {"numel": 0, "bytes": 0})
         d["numel"] += sum(p.numel() for p in b.params)

@@ -126,8 +126,10 @@ def test_qlora_launcher_trains_4bit_base_with_each_state_mode(tmp_path, mode):
         again = tmp_path / "resumed"
         out2 = launch(again, *flags, max_steps=6, resume=str(ckpt))
         assert "fresh state" not in (out2.stdout + out2.stderr).lower()
-        loss2 = losses(again)
-        assert sorted(loss2) == [5, 6], loss2
+        assert "training on 2 process(es)" in out2.stdout and "'loss'" in out2.stdout
+        loss2 = losses(again)  # Trainer's log history: steps 1-4 from the checkpoint, 5 and 6 trained now
+        assert sorted(loss2) == list(range(1, 7)), loss2
+        assert all(loss2[s] == loss[s] for s in (1, 2, 3, 4)), (loss, loss2)
         assert loss2[5] == pytest.approx(loss[5], rel=1e-6) and loss2[6] == pytest.approx(loss[6], rel=1e-6), (loss, loss2)
         model2 = json.loads((again / "model.json").read_text())
         assert {d for _, d in model2["trainable"].values()} == {adapter_dtype}  # resume keeps bf16 adapters bf16
