@@ -143,6 +143,107 @@ def test_second_moment_underflow_does_not_blow_up_the_update(cls):
     assert runs["int8"][1].abs() < 5 * lr
 
 
+@pytest.mark.parametrize("cls", [ShardedAdamW, AdamW])
+def test_bf16_moments_decay_like_fp32(cls):
+    """One large gradient, then 300 small ones: exp_avg_sq must decay (beta2 = 0.999). Round-to-nearest bf16
+    would keep 0.999 v == v forever; stochastic rounding follows fp32 within a few %."""
+    vs = {}
+    for sd in ("fp32", "bf16"):
+        p = torch.nn.Parameter(torch.zeros(4096))
+        opt = cls([p], lr=1e-3, weight_decay=0.0, state_dtype=sd)
+        for step in range(301):
+            p.grad = torch.full((4096,), 1.0 if step == 0 else 1e-3)
+            opt.step()
+        vs[sd] = opt.state[p]["exp_avg_sq"].float()
+    ratio = vs["bf16"] / vs["fp32"]  # each element a random walk of rounding noise, unbiased
+    assert abs(ratio.mean() - 1) < 0.01 and (ratio - 1).abs().max() < 0.2, ratio
+    assert vs["fp32"][0] < 0.8 * 1e-3  # it did decay (from 1e-3 after the spike)
+
+
+def test_load_order_does_not_matter_for_master_and_kahan_conversions():
+    """state_dict of an fp32-master run loaded into a Kahan optimizer (and back) before or after the model
+    weights: the same result (the compensation starts at zero; a missing master is re-read from the loaded
+    param at the first update)."""
+    kahan = dict(master_dtype=None, kahan_sum=True)
+    for source, target in (({}, kahan), (kahan, {})):  # master -> Kahan, Kahan -> master
+        src = W.make_net("bfloat16")
+        so = ShardedAdamW(src.parameters(), **W.HP, **source)
+        W.train(src, so, 3)
+        results = []
+        for model_first in (True, False):
+            m = W.make_net("bfloat16", seed=7)  # other weights until the model is loaded
+            o = ShardedAdamW(m.parameters(), **W.HP, **target)
+            if model_first:
+                m.load_state_dict(src.state_dict())
+            o.load_state_dict(so.state_dict())
+            if not model_first:
+                m.load_state_dict(src.state_dict())
+            W.train(m, o, 1, start=3)
+            results.append([p.detach().clone() for p in m.parameters()])
+        for p, q in zip(*results):
+            assert torch.equal(p, q), (source, target)
+        W.train(src, so, 1, start=3)  # and close to the source run going on (at most half an ulp of state lost)
+        for p, q in zip(results[0], src.parameters()):
+            assert (p.float() - q.float()).abs().max() < 2e-2
+
+
+def test_deepspeed_client_mode_load_state_dict_keeps_codes():
+    """ShardedAdamW acting plain (its param_groups replaced by a flat partition, as DeepSpeed does): its
+    state_dict loads back with uint8 codes and fp32 scales intact, and training continues identically."""
+    def plain_opt(seed):
+        torch.manual_seed(seed)
+        opt = ShardedAdamW([torch.nn.Parameter(torch.randn(64))], lr=1e-2, state_dtype="int8")
+        flat = torch.nn.Parameter(torch.randn(8192, generator=torch.Generator().manual_seed(3)))
+        opt.param_groups[0]["params"] = [flat]
+        return opt, flat
+
+    a, fa = plain_opt(0)
+    for s in range(3):
+        fa.grad = torch.randn(8192, generator=torch.Generator().manual_seed(s))
+        a.step()
+    b, fb = plain_opt(1)
+    with torch.no_grad():
+        fb.copy_(fa)
+    fb.grad = torch.zeros(8192)
+    b.step()  # engage plain mode before loading (as DeepSpeed's first step does)
+    with torch.no_grad():
+        fb.copy_(fa)
+    b.load_state_dict(a.state_dict())
+    assert b.state[fb]["exp_avg"].dtype == torch.uint8 and b.state[fb]["exp_avg_absmax"].dtype == torch.float32
+    for opt, flat in ((a, fa), (b, fb)):
+        flat.grad = torch.randn(8192, generator=torch.Generator().manual_seed(9))
+        opt.step()
+    assert torch.equal(fa, fb)
+
+
+def test_int8_with_fp64_math_and_sparse_pending_decay_with_kahan():
+    p = torch.nn.Parameter(torch.randn(4096, dtype=torch.float64))
+    ref = torch.nn.Parameter(p.detach().clone())
+    o, r = ShardedAdamW([p], lr=1e-3, state_dtype="int8"), torch.optim.AdamW([ref], lr=1e-3)
+    for s in range(5):
+        g = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(s))
+        p.grad, ref.grad = g.clone(), g.clone()
+        o.step()
+        r.step()
+    assert (p - ref).abs().max() < 1e-3
+    # SparseAdamW: idle rows' pending decay with Kahan equals the fp32-master run's (param + compensation)
+    from zeroadamw import SparseAdamW
+
+    out = {}
+    for name, kw in (("master", {}), ("kahan", dict(master_dtype=None, kahan_sum=True))):
+        torch.manual_seed(0)
+        emb = torch.nn.Embedding(16, 8).to(torch.bfloat16)
+        opt = SparseAdamW([{"params": [emb.weight], "sparse": "rows"}], lr=1e-2, weight_decay=0.1, **kw)
+        for _ in range(10):
+            emb(torch.tensor([0])).float().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        opt.apply_pending_decay()
+        st = opt.state_dict()["state"][0]
+        out[name] = st["master"] if name == "master" else emb.weight.detach().float() + st["kahan_comp"].float()
+    torch.testing.assert_close(out["kahan"][1:], out["master"][1:], rtol=1e-4, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ N processes
 
 

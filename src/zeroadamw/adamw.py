@@ -20,8 +20,7 @@ from torch import Tensor
 
 from .consolidation import complete_loaded_state
 from .options import check_impl, validate_hyper, validate_precision
-from .plain import plain_adamw_step, plain_state_template
-from .storage import convert_entry
+from .plain import plain_adamw_step, plain_load_state_dict
 from .schedules import WdScheduleMixin, portable_wd_fn
 
 __all__ = ["AdamW"]
@@ -94,24 +93,9 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch's ``load_state_dict`` (hooks, validation, param-group keys), then every loaded tensor in the
-        storage this optimizer keeps: torch casts state to the param dtype, which would round fp32 moments and
-        int8 scales of bf16 params -- those are re-read from ``state_dict`` and converted instead (int8 codes <->
-        float moments, master <-> Kahan compensation: :func:`zeroadamw.storage.convert_entry`)."""
-        saved = {k: v for k, v in state_dict.get("state", {}).items()} if isinstance(state_dict, dict) else {}
-        super().load_state_dict(state_dict)
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(ids, params):
-            if pid not in saved or not self.state.get(p):
-                continue
-            mine = plain_state_template(p, self.state_dtype, self.kahan_sum)
-            st = convert_entry(p, saved[pid], mine, f"param index {pid}")
-            new = {"step": self.state[p]["step"]}
-            for k, t in mine.items():
-                if not isinstance(st.get(k), Tensor):
-                    raise ValueError(f"param index {pid}: loaded state lacks {k!r}")
-                new[k] = st[k].detach().to(device=p.device, dtype=t.dtype).clone()
-            self.state[p] = new
+        storage this optimizer keeps (:func:`zeroadamw.plain.plain_load_state_dict`: torch's cast to the param
+        dtype would turn int8 codes into floats and round fp32 moments of bf16 params)."""
+        plain_load_state_dict(self, state_dict, self.state_dtype, self.kahan_sum)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held: moments (int8 codes and scales), Kahan compensation; not ``step``."""

@@ -330,6 +330,7 @@ class Bucket:
         S = self.layout.shard
         kw = dict(device=self.device)
         if moments and self.moments == "int8":
+            quant.dynamic_map(True, self.device), quant.dynamic_map(False, self.device)  # tables now, not in a hook
             self.exp_avg = torch.full((S,), quant.zero_code(True), dtype=torch.uint8, **kw)
             self.exp_avg_sq = torch.full((S,), quant.zero_code(False), dtype=torch.uint8, **kw)
             self.exp_avg_absmax = torch.zeros(S // quant.BLOCK, dtype=torch.float32, **kw)
@@ -546,8 +547,9 @@ def dense_buckets(params: list[Tensor], group_index: int, comm: Comm, bucket_siz
     for (dtype, sd), ps in by_kind.items():
         master = master_dtype_for(dtype, master_dtype)
         moments = storage.moment_dtype(sd, dtype, master, kahan and master is None)
+        acc = storage.acc_dtype(dtype, master, kahan and master is None)
         for idx in plan_buckets([p.numel() for p in ps], bucket_size):
-            buckets.append(cls([ps[i] for i in idx], group_index, comm, reduce_dtype or dtype, master or dtype,
+            buckets.append(cls([ps[i] for i in idx], group_index, comm, reduce_dtype or dtype, acc,
                                master, moments=moments, kahan=kahan))
             signature.append((str(dtype), str(moments), [ps[i].numel() for i in idx]))
     return buckets, signature

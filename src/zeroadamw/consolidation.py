@@ -155,8 +155,8 @@ class ConsolidationMixin:
         """
         if not isinstance(state_dict, dict):
             raise ValueError("expected a torch.optim state dict with 'state' and 'param_groups' keys")
-        if self._check_plain():
-            return torch.optim.Optimizer.load_state_dict(self, state_dict)  # (hooks; then our __setstate__)
+        if self._check_plain():  # torch's load (hooks; then our __setstate__), in our storage of the state
+            return self._plain_load_state_dict(state_dict)
         self.wait_params()  # a loaded master is rounded into the params: no gather may land after it
         state_dict = state_dict.copy()  # shallow, as torch: what pre-hooks edit at the top level stays theirs
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

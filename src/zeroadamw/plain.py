@@ -9,6 +9,7 @@ whatever ``param_groups`` holds, with torch-style per-param state. :class:`zeroa
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from . import functional as F
 from . import quant, storage
 from .options import lr_max
 
-__all__ = ["PlainModeMixin", "plain_adamw_step", "init_plain_state", "plain_state_template"]
+__all__ = ["PlainModeMixin", "plain_adamw_step", "plain_load_state_dict", "init_plain_state", "plain_state_template"]
 
 
 def init_plain_state(p: Tensor, st: dict, state_dtype: str | None, kahan: bool) -> None:
@@ -85,6 +86,45 @@ def _store(p: Tensor, st: dict, work: tuple[Tensor, ...]) -> None:
         st["exp_avg_sq"].copy_(v)
 
 
+def plain_load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, state_dtype: str | None,
+                          kahan: bool) -> None:
+    """``torch.optim.Optimizer.load_state_dict`` (its hooks, validation, param-group keys), then every loaded
+    tensor in the storage this optimizer keeps: torch casts state to the param dtype, which would turn int8 codes
+    into floats and round fp32 moments and int8 scales of bf16 params -- those are re-read from the state dict
+    (as the pre-hooks left it) and converted instead (:func:`zeroadamw.storage.convert_entry`). Used by
+    :class:`zeroadamw.AdamW` and by ShardedAdamW as DeepSpeed's client."""
+    seen: dict[str, Any] = {}
+
+    def capture(_opt, sd):  # runs after every other pre-hook: the state dict torch will load
+        seen["sd"] = sd
+
+    handle = opt.register_load_state_dict_pre_hook(capture)
+    try:
+        torch.optim.Optimizer.load_state_dict(opt, state_dict)
+    finally:
+        handle.remove()
+    sd = seen.get("sd", state_dict)
+    saved = sd.get("state", {})
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, p in zip(ids, params):
+        if pid not in saved or not opt.state.get(p):
+            continue
+        mine = plain_state_template(p, state_dtype, kahan)
+        st = storage.convert_entry(p, saved[pid], mine, f"param index {pid}")
+        step = opt.state[p]["step"]  # (torch may hand back the saved step tensor itself: a copy, not a share)
+        new = {"step": step.clone() if isinstance(step, Tensor) else step}
+        for k, t in mine.items():
+            if not isinstance(st.get(k), Tensor):
+                raise ValueError(f"param index {pid}: loaded state lacks {k!r}")
+            want = (quant.nblocks(p.numel()),) if k.endswith("_absmax") else tuple(p.shape)
+            if tuple(st[k].shape) != want:
+                raise ValueError(f"param index {pid}: loaded {k} has shape {tuple(st[k].shape)}, expected {want}; "
+                                 "the state dict belongs to a different model")
+            new[k] = st[k].detach().to(device=p.device, dtype=t.dtype).clone()
+        opt.state[p] = new
+
+
 def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str, state_dtype: str | None = None,
                      kahan: bool = False) -> None:
     """One unsharded AdamW step over ``param_groups`` with torch-style per-param ``state`` (lazily created): what
@@ -98,7 +138,9 @@ def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str, state
     working copies, written back after (:mod:`zeroadamw.storage`)."""
     for group in param_groups:
         by_kind: dict[tuple, tuple[list, ...]] = {}
-        copies = []
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                     weight_decay=group["weight_decay"], decay=group["decay"], lr_max=lr_max(group), impl=impl)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -110,21 +152,77 @@ def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str, state
             step = st["step"]
             if not isinstance(step, Tensor) or step.dtype != torch.float32 or step.device != p.device:
                 st["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device)
-            tensors, copied = _working(p, st)
-            if copied:
-                copies.append((p, st, tensors))
+            if st["exp_avg"].dtype != p.dtype or "kahan_comp" in st:  # stored otherwise: chunk by chunk
+                _precision_update(p, st, hyper)
+                continue
+            tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
             if p.is_complex():
                 tensors = tuple(torch.view_as_real(t) for t in tensors)
             lists = by_kind.setdefault((p.device, tensors[0].dtype), ([], [], [], [], []))
             for lst, t in zip(lists, (*tensors, st["step"])):
                 lst.append(t)
-        beta1, beta2 = group["betas"]
         for params, grads, m, v, steps in by_kind.values():
-            F.adamw(params, grads, m, v, steps, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
-                    eps=group["eps"], weight_decay=group["weight_decay"], decay=group["decay"],
-                    lr_max=lr_max(group), impl=impl)
-        for p, st, tensors in copies:
-            _store(p, st, tensors)
+            F.adamw(params, grads, m, v, steps, **hyper)
+
+
+_CHUNK = 1 << 22  # elements per working copy (a multiple of the 256-element block): DeepSpeed's flat partitions
+
+
+def _precision_update(p: Tensor, st: dict, hyper: dict) -> None:
+    """One param whose state is stored in another dtype (bf16 / int8 moments, Kahan): fp32 working copies of at
+    most ``_CHUNK`` elements at a time (a flat partition of hundreds of millions of elements must not get fp32
+    copies of everything at once), the kernel, the stored values written back in place."""
+    n = p.numel()
+    step = st["step"]
+    taken = step.clone()
+    for lo in range(0, n, _CHUNK):
+        hi = min(n, lo + _CHUNK)
+        s = step.clone()  # every chunk takes the same step; the count is advanced once
+        work = _working(p, st, lo, hi)
+        F.adamw([work[0]], [work[1]], [work[2]], [work[3]], [s], **hyper)
+        _store(p, st, work, lo, hi, s)
+        taken = s
+    step.copy_(taken)
+
+
+def _working(p: Tensor, st: dict, lo: int, hi: int) -> tuple[Tensor, ...]:
+    """fp32 (param, grad, exp_avg, exp_avg_sq) of the flat elements ``lo:hi`` of ``p``."""
+    cd = torch.float64 if p.dtype == torch.float64 else torch.float32
+    t = p.detach().reshape(-1)[lo:hi].to(cd, copy=True)
+    if "kahan_comp" in st:
+        t.add_(st["kahan_comp"].reshape(-1)[lo:hi])
+    m, v = st["exp_avg"].reshape(-1)[lo:hi], st["exp_avg_sq"].reshape(-1)[lo:hi]
+    if m.dtype == torch.uint8:
+        b0 = lo // quant.BLOCK
+        b1 = b0 + quant.nblocks(hi - lo)
+        m = quant.dequantize_tensor(m, st["exp_avg_absmax"][b0:b1], True)
+        v = quant.dequantize_tensor(v, st["exp_avg_sq_absmax"][b0:b1], False)
+        quant.guard_underflow(m, v)
+    return t, p.grad.reshape(-1)[lo:hi].to(cd), m.to(cd), v.to(cd)
+
+
+def _store(p: Tensor, st: dict, work: tuple[Tensor, ...], lo: int, hi: int, step: Tensor) -> None:
+    t, _, m, v = work
+    flat = p.detach().reshape(-1)[lo:hi]
+    if "kahan_comp" in st:
+        new = t.to(p.dtype)
+        st["kahan_comp"].reshape(-1)[lo:hi].copy_(t.sub_(new.to(t.dtype)))
+        flat.copy_(new)
+    else:
+        flat.copy_(t)
+    if st["exp_avg"].dtype == torch.uint8:
+        b0 = lo // quant.BLOCK
+        b1 = b0 + quant.nblocks(hi - lo)
+        for k, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+            codes, absmax = quant.quantize_tensor(x.float(), signed)
+            st[k].reshape(-1)[lo:hi].copy_(codes)
+            st[k + "_absmax"][b0:b1].copy_(absmax)
+    else:
+        if st["exp_avg"].dtype == torch.bfloat16 and m.dtype == torch.float32:  # stochastic rounding (storage.py)
+            index = torch.arange(lo, hi, device=m.device)
+            m, v = quant.stochastic_bf16(m, index, step, 1), quant.stochastic_bf16(v, index, step, 2)
+        st["exp_avg"].reshape(-1)[lo:hi].copy_(m)
+        st["exp_avg_sq"].reshape(-1)[lo:hi].copy_(v)
 
 
 class PlainModeMixin:
@@ -146,13 +244,17 @@ class PlainModeMixin:
         self.state.clear()  # nothing of ours refers to the new tensors; torch-style per-param state from here on
         self.engine.gathers.wait_all()
         for b in self.engine.buckets:
-            b.exp_avg = b.exp_avg_sq = b.master = None
+            for name in b.STATE_NAMES:
+                setattr(b, name, None)
             b.flat, b._bound = None, []  # DeepSpeed points p.data at its own buffers: ours would be a full copy
         self.engine.pool.clear()
         self._state_ready = False
         logging.getLogger("zeroadamw").info(
             "ShardedAdamW: param_groups were replaced (DeepSpeed ZeRO partitions itself); acting as a plain AdamW")
         return True
+
+    def _plain_load_state_dict(self, state_dict: dict) -> None:
+        plain_load_state_dict(self, state_dict, self.state_dtype, self.kahan_sum)
 
     def _plain_step(self) -> None:
         plain_adamw_step(self.param_groups, self.state, self.impl, "ShardedAdamW as DeepSpeed's client optimizer",

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BLOCK", "MIN_QUANTIZED_NUMEL", "dynamic_map", "zero_code", "quantize", "dequantize", "nblocks",
-           "quantize_tensor", "dequantize_tensor", "guard_underflow"]
+           "quantize_tensor", "dequantize_tensor", "guard_underflow", "stochastic_bf16"]
 
 BLOCK = 256
 # Smaller tensors (biases, norm weights) keep fp32 moments: too few bytes to matter, and the most sensitive
@@ -129,6 +129,30 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool, out: Tensor | None =
         return vals.view(-1)
     out.view(-1, BLOCK).copy_(vals)
     return out
+
+
+def _hash16(index: Tensor, step: Tensor, salt: int) -> Tensor:
+    """16 pseudo-random bits per element from (element index in its param, step count, salt): a counter-based
+    integer hash (int64 ops, every product below 2**63), so the same element rounds the same way at every world
+    size and bucket size, on any device, with no generator state."""
+    x = (index * 0x5BD1E995 + step.to(torch.int64) * 0x27D4EB2F + salt) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    return x & 0xFFFF
+
+
+def stochastic_bf16(x: Tensor, index: Tensor, step: Tensor, salt: int) -> Tensor:
+    """``x`` (fp32) rounded to bf16 stochastically: up in magnitude with probability equal to the dropped
+    fraction (add 16 random bits below the kept ones, truncate), unbiased in expectation. Round-to-nearest would
+    freeze ``exp_avg_sq`` in bf16: with beta2 = 0.999 the per-step change (1e-3 relative) is below half a bf16
+    ulp (2**-9), so ``0.999 v`` rounds back to ``v`` and v can only grow. ``index``: each element's position in
+    its param (int64); ``step``: its step count (0-d, or per element)."""
+    bits = x.contiguous().view(torch.int32).to(torch.int64) + _hash16(index, step, salt)
+    bits = (bits & ~0xFFFF).to(torch.int32)  # low 16 bits cleared: exactly representable in bf16
+    return bits.view(torch.float32).view(x.shape).to(torch.bfloat16)
 
 
 def guard_underflow(m: Tensor, v: Tensor) -> None:

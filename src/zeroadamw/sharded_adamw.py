@@ -101,9 +101,12 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             elements, between 2**20 and :data:`DEFAULT_BUCKET_SIZE` (2**23): ``options.auto_bucket_size``.
         master_dtype: dtype of the sharded master weights kept for bf16/fp16 params (default fp32); ``None``
             updates low-precision params in their own dtype (moments in that dtype too, unless ``state_dtype``).
-        state_dtype: storage of ``exp_avg`` / ``exp_avg_sq``: ``"fp32"``, ``"bf16"`` or ``"int8"`` (block-wise
-            8-bit, params of >= 4096 elements); math is always fp32. ``None``: the master's dtype, else the
-            param's. See :mod:`zeroadamw.storage`.
+        state_dtype: storage of ``exp_avg`` / ``exp_avg_sq``: ``"fp32"``, ``"bf16"`` (stochastic rounding) or
+            ``"int8"`` (block-wise 8-bit, params of >= 4096 elements); the math runs in fp32 (but for bf16/fp16
+            params without master or Kahan whose moments are in their own dtype: torch's native update).
+            ``None``: the master's dtype, else the param's. int8 state dicts hold uint8 codes: load them here or
+            in :class:`zeroadamw.AdamW` (``torch.optim.AdamW`` would cast the codes to floats; export with
+            ``zeroadamw.checkpoint.export_consolidated`` for torch). See :mod:`zeroadamw.storage`.
         kahan_sum: with ``master_dtype=None``: keep a compensation buffer in the param dtype instead of an fp32
             master (Kahan summation: bf16 weights train like mixed precision at 2 bytes less per param).
         max_grad_norm: clip the global L2 norm of the averaged gradients to this value (over all shards);

@@ -323,9 +323,10 @@ class SparseAdamW(ShardedAdamW):
             sd = self.state_dtype
             if sd == "int8" and (p.numel() < quant.MIN_QUANTIZED_NUMEL or (p.numel() // p.shape[0]) % quant.BLOCK):
                 sd = "fp32"  # int8 blocks must lie inside rows (rows of a multiple of 256 elements), else fp32
-            moments = storage.moment_dtype(sd, p.dtype, master, self.kahan_sum and master is None)
-            buckets.append(cls(p, gi, comm, self.reduce_dtype or p.dtype, master or p.dtype, master, moments=moments,
-                               kahan=self.kahan_sum))
+            kahan = self.kahan_sum and master is None
+            moments = storage.moment_dtype(sd, p.dtype, master, kahan)
+            buckets.append(cls(p, gi, comm, self.reduce_dtype or p.dtype, storage.acc_dtype(p.dtype, master, kahan),
+                               master, moments=moments, kahan=self.kahan_sum))
             entries.append(("rows", str(p.dtype), str(moments), list(p.shape)))
         return buckets, [gi, len(group["params"]), "rows"] + entries
 
@@ -397,7 +398,7 @@ class SparseAdamW(ShardedAdamW):
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decay=group["decay"], lr_max=lr_max(group), log_decay_before=self._log_decay_before.get(id(group), group["log_decay"]),
             log_factor=self._factors[id(group)], catchup=self.catchup_decay)
-        storage.store(bucket, [0], w, None, rows_touched=mask)  # idle rows keep their codes bit for bit
+        storage.store(bucket, [0], w, None, rows_touched=mask, steps=[st["step"]])  # idle rows keep their codes
 
     def apply_pending_decay(self) -> None:
         """Give every idle slice the decoupled decay it has missed so far (catch-up now instead of at its next
@@ -415,7 +416,9 @@ class SparseAdamW(ShardedAdamW):
                 p = bucket.params[0]
                 st = self.state[p]
                 L = group["log_decay"]
-                F.catch_up_decay(bucket.target_view(0).view(-1, bucket.D), st["decay_mark"], L)
+                w = storage.working(bucket, [0], False)  # Kahan: decay param + compensation, split back
+                F.catch_up_decay(w.targets[0].view(-1, bucket.D), st["decay_mark"], L)
+                storage.store(bucket, [0], w, None)
                 st["decay_mark"].fill_(L)
                 h = bucket.gather_params([0])
                 if h is not None:

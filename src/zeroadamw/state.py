@@ -76,7 +76,7 @@ class StateMixin:
         common = dict(lr=float(group["lr"]), weight_decay=group["weight_decay"], decay=group["decay"],
                       lr_max=lr_max(group), grad_scale=grad_scale, found_inf=found_inf)
         self._rule.kernel(w.targets, grads, steps, (w.exp_avgs, w.exp_avg_sqs), idx, group, common, self.impl)
-        storage.store(bucket, idx, w, found_inf)
+        storage.store(bucket, idx, w, found_inf, steps=steps)
 
     def _refresh_master(self, bucket: Bucket, idx: list[int]) -> None:
         """First update since the state was made (or loaded without a master): copy params ``idx`` into the master."""

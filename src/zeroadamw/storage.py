@@ -3,13 +3,19 @@ r"""How a bucket stores its optimizer state, and the fp32 working copies the upd
 Storage kinds of the Adam moments (``state_dtype``), per bucket:
 
 * ``"fp32"`` -- as ``torch.optim.AdamW`` with an fp32 master: 8 bytes per element;
-* ``"bf16"`` -- bf16 storage, fp32 math (Megatron's precision-aware optimizer): 4 bytes;
+* ``"bf16"`` -- bf16 storage, fp32 math (Megatron's precision-aware optimizer), stochastic rounding on store
+  (round-to-nearest would freeze ``exp_avg_sq``: :func:`zeroadamw.quant.stochastic_bf16`): 4 bytes;
 * ``"int8"`` -- block-wise dynamic quantization (:mod:`zeroadamw.quant`, 8-bit Adam): one byte per element per
   moment plus one fp32 absmax per 256 elements: 2.03 bytes. Only params of at least
   :data:`~zeroadamw.quant.MIN_QUANTIZED_NUMEL` elements; smaller ones (biases, norms) keep fp32 moments, in
   buckets of their own;
-* the param dtype itself (``state_dtype=None`` with ``master_dtype=None``: what ``torch.optim.AdamW`` does for bf16
-  params; the update runs in that dtype, as today).
+* the param dtype itself (``state_dtype=None`` with ``master_dtype=None``, or ``"bf16"`` on bf16 params without
+  master or Kahan: what ``torch.optim.AdamW`` does for bf16 params; the kernel runs on them directly -- the fused
+  one computes in fp32 internally, the foreach one in bf16).
+
+An int8 ``state_dict()`` holds the uint8 codes (``exp_avg``, ``exp_avg_sq``) and fp32 scales (``*_absmax``):
+ShardedAdamW, SparseAdamW and :class:`zeroadamw.AdamW` load it (converting to their storage);
+``torch.optim.AdamW`` would silently cast the codes to floats -- give torch ``export_consolidated``'s output.
 
 Weights of bf16/fp16 params (``master_dtype``, ``kahan_sum``):
 
@@ -60,6 +66,16 @@ def moment_dtype(state_dtype: str | None, param_dtype: torch.dtype, master: torc
     if master is not None:
         return master
     return torch.float32 if kahan else param_dtype
+
+
+def acc_dtype(param_dtype: torch.dtype, master: torch.dtype | None, kahan: bool) -> torch.dtype:
+    """What reduced gradients accumulate in (over backward passes, in the 1/N shard): the master's dtype, fp32
+    for Kahan-compensated bf16/fp16 params (as with a master: the update reads fp32 anyway), else the param's."""
+    if master is not None:
+        return master
+    if kahan and param_dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return param_dtype
 
 
 @dataclass
@@ -115,6 +131,7 @@ def working(bucket: "Bucket", idx: list[int], moments: bool) -> Working:
             m = quant.dequantize(bucket.exp_avg[lo:hi], bucket.exp_avg_absmax[b0:b1], True)
             v = quant.dequantize(bucket.exp_avg_sq[lo:hi], bucket.exp_avg_sq_absmax[b0:b1], False)
             quant.guard_underflow(m, v)
+            m, v = m.to(cd), v.to(cd)  # fp64 math (fp64 params or master): the kernel takes one dtype
             w.blocks.append((m, v))  # the tail past n is the param's block padding: zero codes, stays zero
             w.exp_avgs.append(m[:n])
             w.exp_avg_sqs.append(v[:n])
@@ -138,10 +155,12 @@ def _put(dst: Tensor, new: Tensor, keep: Tensor | None) -> None:
 
 
 def store(bucket: "Bucket", idx: list[int], w: Working, found_inf: Tensor | None,
-          rows_touched: Tensor | None = None) -> None:
+          rows_touched: Tensor | None = None, steps: list[Tensor] | None = None) -> None:
     """Write the updated working tensors back into the bucket's storage (see :func:`working`). ``found_inf``
     (0-d, device): a skipped update keeps every stored value. ``rows_touched`` (one row-sharded param,
-    SparseAdamW): rows not touched keep theirs -- codes and scales of idle rows never drift."""
+    SparseAdamW): rows not touched keep theirs -- codes and scales of idle rows never drift. ``steps`` (the
+    params' step counts, per row for row buckets): bf16 moments are rounded stochastically, keyed on each
+    element's index in its param and its step (:func:`zeroadamw.quant.stochastic_bf16`)."""
     keep = keep_blocks = None
     if found_inf is not None:
         keep = keep_blocks = found_inf.to(device=bucket.device).bool()
@@ -166,6 +185,7 @@ def store(bucket: "Bucket", idx: list[int], w: Working, found_inf: Tensor | None
             b0, b1 = lo // quant.BLOCK, hi // quant.BLOCK
             for signed, full, codes, absmax in ((True, m, bucket.exp_avg, bucket.exp_avg_absmax),
                                                 (False, v, bucket.exp_avg_sq, bucket.exp_avg_sq_absmax)):
+                full = full.float()  # (a no-op but for fp64 math)
                 if keep_blocks is None:
                     quant.quantize(full, codes[lo:hi], absmax[b0:b1], signed)
                     continue
@@ -174,7 +194,13 @@ def store(bucket: "Bucket", idx: list[int], w: Working, found_inf: Tensor | None
                 _put(codes[lo:hi].view(-1, quant.BLOCK), c.view(-1, quant.BLOCK), keep_blocks)
                 _put(absmax[b0:b1], a, keep_blocks.view(-1) if keep_blocks.dim() else keep_blocks)
         return
-    for i, m, v in zip(idx, w.exp_avgs, w.exp_avg_sqs):
+    for j, (i, m, v) in enumerate(zip(idx, w.exp_avgs, w.exp_avg_sqs)):
+        if bucket.exp_avg.dtype == torch.bfloat16 and m.dtype == torch.float32 and steps is not None:
+            s = bucket.layout.slots[i]
+            index = torch.arange(s.own_lo, s.own_hi, device=m.device)
+            step = steps[j] if steps[j].dim() == 0 else steps[j].repeat_interleave(bucket.D)
+            m = quant.stochastic_bf16(m, index, step, 1)
+            v = quant.stochastic_bf16(v, index, step, 2)
         _put(bucket.shard_view(bucket.exp_avg, i), m, keep)
         _put(bucket.shard_view(bucket.exp_avg_sq, i), v, keep)
 
@@ -185,9 +211,10 @@ _MOMENTS = (("exp_avg", True), ("exp_avg_sq", False))
 def convert_entry(p: Tensor, st: dict, mine: dict[str, Tensor], where: str) -> dict:
     """A loaded whole-parameter state entry ``st`` of ``p`` in the storage this optimizer keeps (``mine``: its
     state tensors by kind): int8 codes + scales dequantized for float moments, float moments quantized for int8
-    ones (blocks from the param's first element: the codes a sharded run holds at any world size), a saved
-    master turned into a Kahan compensation (``master - param``) or back (``param + comp``). Float dtypes are
-    left to the copy (it casts). Returns a new dict; ``st`` is not changed."""
+    ones (blocks from the param's first element: the codes a sharded run holds at any world size). A Kahan
+    compensation the saved state lacks starts at zero (at most half a bf16 ulp lost, once), and a master it
+    lacks is re-read from the loaded param at the first update -- neither is computed from the param here, which
+    may not be loaded yet. Float dtypes are left to the copy (it casts). Returns a new dict; ``st`` unchanged."""
     st = dict(st)
     for k, signed in _MOMENTS:
         if k not in mine or not isinstance(st.get(k), Tensor):
@@ -203,11 +230,11 @@ def convert_entry(p: Tensor, st: dict, mine: dict[str, Tensor], where: str) -> d
                 raise ValueError(f"{where}: loaded {k} has dtype {st[k].dtype}; expected floating point or uint8")
             st[k], st[amax] = quant.quantize_tensor(st[k].detach().float(), signed)
     if "kahan_comp" in mine and "kahan_comp" not in st:
-        w = p.detach()
-        if isinstance(st.get("master"), Tensor) and st["master"].shape == p.shape:
-            st["kahan_comp"] = (st["master"].to(w.device, torch.float32) - w.float()).to(p.dtype)
-        else:
-            st["kahan_comp"] = torch.zeros_like(w)
-    if "master" in mine and "master" not in st and isinstance(st.get("kahan_comp"), Tensor):
-        st["master"] = p.detach().float() + st["kahan_comp"].to(p.device, torch.float32)
+        # no compensation saved (an fp32-master run): start it at zero -- at most half a bf16 ulp is lost, once.
+        # (Not master - param: the param may not be loaded yet, and the result would depend on the order.)
+        st["kahan_comp"] = torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+    if "master" not in mine:
+        st.pop("master", None)
+    if "kahan_comp" not in mine:
+        st.pop("kahan_comp", None)  # a master, if this optimizer keeps one, is re-read from the loaded param
     return st
