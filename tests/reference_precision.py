@@ -42,26 +42,19 @@ def ref_dequantize(codes: torch.Tensor, absmax: torch.Tensor, signed: bool) -> t
 
 
 def ref_stochastic_bf16(x: torch.Tensor, step: torch.Tensor, salt: int) -> torch.Tensor:
-    """bf16 with stochastic rounding: 16 bits of the counter hash below (in Python ints, element by element
-    for the first ones as a cross-check of the vectorised form), added to the fp32 bits, truncated."""
-    idx = torch.arange(x.numel(), dtype=torch.int64)
+    """bf16 with stochastic rounding, as specified in zeroadamw.quant.stochastic_bf16: 16 bits of a
+    counter hash of (element index, step, salt) in 32-bit unsigned arithmetic (Python ints), added to the fp32
+    bits, truncated."""
     M = 0xFFFFFFFF
 
     def h(i):
-        v = (i * 0x5BD1E995 + int(step) * 0x27D4EB2F + salt) & M
-        v ^= v >> 16
-        v = (v * 0x7FEB352D) & M
+        v = (i * 0x5BD1E995 + (int(step) * 0x27D4EB2F + salt)) & M
         v ^= v >> 15
         v = (v * 0x2C1B3C6D) & M
-        v ^= v >> 16
-        return v & 0xFFFF
+        v ^= v >> 13
+        return v >> 16
 
-    r = (idx * 0x5BD1E995 + int(step) * 0x27D4EB2F + salt) & M
-    for mul, shift in ((0x7FEB352D, 16), (0x2C1B3C6D, 15)):
-        r = r ^ (r >> shift)
-        r = (r * mul) & M
-    r = (r ^ (r >> 16)) & 0xFFFF
-    assert [h(i) for i in range(min(64, x.numel()))] == r[:64].tolist()
+    r = torch.tensor([h(i) for i in range(x.numel())], dtype=torch.int64)
     bits = (x.reshape(-1).float().view(torch.int32).to(torch.int64) + r) & ~0xFFFF
     return bits.to(torch.int32).view(torch.float32).view(x.shape).to(torch.bfloat16)
 
@@ -118,7 +111,7 @@ class RefPrecisionAdamW:
                 st["exp_avg"], st["exp_avg_absmax"] = ref_quantize(m, True, "midpoint")
                 st["exp_avg_sq"], st["exp_avg_sq_absmax"] = ref_quantize(v, False, "midpoint")
             elif self.state_dtype == "bf16":  # stochastic rounding keyed on (element index, step), as specified
-                st["exp_avg"].copy_(ref_stochastic_bf16(m, st["step"], 1))
+                st["exp_avg"].copy_(m)  # round to nearest
                 st["exp_avg_sq"].copy_(ref_stochastic_bf16(v, st["step"], 2))
             else:
                 st["exp_avg"].copy_(m)

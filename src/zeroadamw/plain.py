@@ -219,8 +219,7 @@ def _store(p: Tensor, st: dict, work: tuple[Tensor, ...], lo: int, hi: int, step
             st[k + "_absmax"][b0:b1].copy_(absmax)
     else:
         if st["exp_avg"].dtype == torch.bfloat16 and m.dtype == torch.float32:  # stochastic rounding (storage.py)
-            index = torch.arange(lo, hi, device=m.device)
-            m, v = quant.stochastic_bf16(m, index, step, 1), quant.stochastic_bf16(v, index, step, 2)
+            v = quant.stochastic_bf16(v, torch.arange(lo, hi, dtype=torch.int32, device=m.device), step, 2)
         st["exp_avg"].reshape(-1)[lo:hi].copy_(m)
         st["exp_avg_sq"].reshape(-1)[lo:hi].copy_(v)
 

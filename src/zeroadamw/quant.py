@@ -133,25 +133,24 @@ def dequantize(codes: Tensor, absmax: Tensor, signed: bool, out: Tensor | None =
 
 def _hash16(index: Tensor, step: Tensor, salt: int) -> Tensor:
     """16 pseudo-random bits per element from (element index in its param, step count, salt): a counter-based
-    integer hash (int64 ops, every product below 2**63), so the same element rounds the same way at every world
-    size and bucket size, on any device, with no generator state."""
-    x = (index * 0x5BD1E995 + step.to(torch.int64) * 0x27D4EB2F + salt) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x = x ^ (x >> 15)
-    x = (x * 0x2C1B3C6D) & 0xFFFFFFFF
-    x = x ^ (x >> 16)
-    return x & 0xFFFF
+    integer hash in int32 arithmetic (products wrap mod 2**32; shifts masked to act as logical shifts), so the
+    same element rounds the same way at every world size and bucket size, on any device, with no generator."""
+    x = index.to(torch.int32) * 0x5BD1E995 + (step.to(torch.int32) * 0x27D4EB2F + salt)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x2C1B3C6D
+    x = x ^ ((x >> 13) & 0x7FFFF)
+    return (x >> 16) & 0xFFFF
 
 
 def stochastic_bf16(x: Tensor, index: Tensor, step: Tensor, salt: int) -> Tensor:
     """``x`` (fp32) rounded to bf16 stochastically: up in magnitude with probability equal to the dropped
-    fraction (add 16 random bits below the kept ones, truncate), unbiased in expectation. Round-to-nearest would
-    freeze ``exp_avg_sq`` in bf16: with beta2 = 0.999 the per-step change (1e-3 relative) is below half a bf16
-    ulp (2**-9), so ``0.999 v`` rounds back to ``v`` and v can only grow. ``index``: each element's position in
-    its param (int64); ``step``: its step count (0-d, or per element)."""
-    bits = x.contiguous().view(torch.int32).to(torch.int64) + _hash16(index, step, salt)
-    bits = (bits & ~0xFFFF).to(torch.int32)  # low 16 bits cleared: exactly representable in bf16
+    fraction (add 16 random bits below the kept ones, truncate), unbiased in expectation. Used for
+    ``exp_avg_sq``: round-to-nearest would freeze it, since with beta2 = 0.999 the per-step change (1e-3
+    relative) is below half a bf16 ulp (2**-9), so ``0.999 v`` rounds back to ``v`` and v can only grow.
+    (``exp_avg`` changes by 10 % a step: round-to-nearest is fine there.) ``index``: each element's position in
+    its param; ``step``: its step count (0-d, or per element)."""
+    bits = x.contiguous().view(torch.int32) + _hash16(index, step, salt)
+    bits = bits & -0x10000  # low 16 bits cleared: exactly representable in bf16
     return bits.view(torch.float32).view(x.shape).to(torch.bfloat16)
 
 

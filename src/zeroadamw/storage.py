@@ -3,8 +3,8 @@ r"""How a bucket stores its optimizer state, and the fp32 working copies the upd
 Storage kinds of the Adam moments (``state_dtype``), per bucket:
 
 * ``"fp32"`` -- as ``torch.optim.AdamW`` with an fp32 master: 8 bytes per element;
-* ``"bf16"`` -- bf16 storage, fp32 math (Megatron's precision-aware optimizer), stochastic rounding on store
-  (round-to-nearest would freeze ``exp_avg_sq``: :func:`zeroadamw.quant.stochastic_bf16`): 4 bytes;
+* ``"bf16"`` -- bf16 storage, fp32 math (Megatron's precision-aware optimizer), ``exp_avg_sq`` stored with
+  stochastic rounding (round-to-nearest would freeze it: :func:`zeroadamw.quant.stochastic_bf16`): 4 bytes;
 * ``"int8"`` -- block-wise dynamic quantization (:mod:`zeroadamw.quant`, 8-bit Adam): one byte per element per
   moment plus one fp32 absmax per 256 elements: 2.03 bytes. Only params of at least
   :data:`~zeroadamw.quant.MIN_QUANTIZED_NUMEL` elements; smaller ones (biases, norms) keep fp32 moments, in
@@ -159,8 +159,8 @@ def store(bucket: "Bucket", idx: list[int], w: Working, found_inf: Tensor | None
     """Write the updated working tensors back into the bucket's storage (see :func:`working`). ``found_inf``
     (0-d, device): a skipped update keeps every stored value. ``rows_touched`` (one row-sharded param,
     SparseAdamW): rows not touched keep theirs -- codes and scales of idle rows never drift. ``steps`` (the
-    params' step counts, per row for row buckets): bf16 moments are rounded stochastically, keyed on each
-    element's index in its param and its step (:func:`zeroadamw.quant.stochastic_bf16`)."""
+    params' step counts, per row for row buckets): a bf16 ``exp_avg_sq`` is rounded stochastically, keyed on
+    each element's index in its param and its step (:func:`zeroadamw.quant.stochastic_bf16`)."""
     keep = keep_blocks = None
     if found_inf is not None:
         keep = keep_blocks = found_inf.to(device=bucket.device).bool()
@@ -197,10 +197,9 @@ def store(bucket: "Bucket", idx: list[int], w: Working, found_inf: Tensor | None
     for j, (i, m, v) in enumerate(zip(idx, w.exp_avgs, w.exp_avg_sqs)):
         if bucket.exp_avg.dtype == torch.bfloat16 and m.dtype == torch.float32 and steps is not None:
             s = bucket.layout.slots[i]
-            index = torch.arange(s.own_lo, s.own_hi, device=m.device)
+            index = torch.arange(s.own_lo, s.own_hi, dtype=torch.int32, device=m.device)
             step = steps[j] if steps[j].dim() == 0 else steps[j].repeat_interleave(bucket.D)
-            m = quant.stochastic_bf16(m, index, step, 1)
-            v = quant.stochastic_bf16(v, index, step, 2)
+            v = quant.stochastic_bf16(v, index, step, 2)  # (exp_avg: round-to-nearest is fine)
         _put(bucket.shard_view(bucket.exp_avg, i), m, keep)
         _put(bucket.shard_view(bucket.exp_avg_sq, i), v, keep)
 
