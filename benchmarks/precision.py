@@ -5,8 +5,8 @@
     python benchmarks/precision.py --replot                 # redraw docs/precision_quality.png from the JSON
     python benchmarks/precision.py --state-bytes            # state bytes per rank, 49.9M LLaMA, N = 1, 2, 4 (~1 min)
 
-**Quality.** A small LLaMA (``LlamaForCausalLM`` from a config: 4 layers, hidden 128, heads 4, intermediate 344,
-byte vocabulary 256; 0.87M params) learns next-byte prediction on the docstrings of Python's standard library
+**Quality.** A small LLaMA (``LlamaForCausalLM`` from a config: 3 layers, hidden 96, heads 4, intermediate 256,
+byte vocabulary 256; 0.38M params, every matrix >= 4096 elements: int8) learns next-byte prediction on the docstrings of Python's standard library
 (``zeroadamw.demo.stdlib_corpus``: nothing downloaded), batch 8 x 128 bytes, lr 2e-3 with 5 % linear warm-up and
 cosine decay to 10 %, weight decay 0.1 on matrices, betas (0.9, 0.95), for ``--steps`` steps. Validation loss
 (nats/byte) on a disjoint 5 % slice, 16 fixed batches, every 100 steps. The same init and batch order for every
@@ -65,7 +65,7 @@ def make_model(dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+    cfg = LlamaConfig(vocab_size=256, hidden_size=96, intermediate_size=256, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=SEQ,
                       tie_word_embeddings=False, attn_implementation="eager")
     return LlamaForCausalLM(cfg).to(dtype)
