@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from host_reads import count_host_reads
+from host_reads import reads_per_step
 from workers import assert_ranks_identical
 from zeroadamw import ShardedAdamW, SparseAdamW
 
@@ -62,19 +62,8 @@ def host_reads(rank, world, cfg):
         opt = SparseAdamW([{"params": dense}, {"params": experts, "sparse": "rows"}], **kw)
     else:
         opt = ShardedAdamW(model.parameters(), **kw)
-    n_buckets = len(opt.engine.buckets)
-    out = {"buckets": n_buckets, "backward": [], "step": [], "where": []}
-    for step in range(cfg.get("steps", 5)):
-        loss = loss_of(model, batch(step, rank))
-        with count_host_reads() as rb:
-            loss.backward()
-        with count_host_reads() as rs:
-            opt.step()
-        opt.zero_grad()
-        out["backward"].append(rb.count)
-        out["step"].append(rs.count)
-        out["where"].append(rb.where + rs.where)
-    return out
+    out = reads_per_step(lambda step: loss_of(model, batch(step, rank)), opt, cfg.get("steps", 5))
+    return {"buckets": len(opt.engine.buckets), **out}
 
 
 def reentrant(rank, world, cfg):

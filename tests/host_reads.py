@@ -54,3 +54,20 @@ def count_host_reads():
     finally:
         for name, f in saved.items():
             setattr(torch.Tensor, name, f)
+
+
+def reads_per_step(loss_at, opt, steps: int) -> dict:
+    """Train ``steps`` steps (``loss_at(step)`` gives the loss) and count host reads in each backward and each
+    ``opt.step()``: ``{"backward": [...], "step": [...], "where": [...]}``."""
+    out = {"backward": [], "step": [], "where": []}
+    for step in range(steps):
+        loss = loss_at(step)
+        with count_host_reads() as rb:
+            loss.backward()
+        with count_host_reads() as rs:
+            opt.step()
+        opt.zero_grad()
+        out["backward"].append(rb.count)
+        out["step"].append(rs.count)
+        out["where"].append(rb.where + rs.where)
+    return out

@@ -258,20 +258,9 @@ def state_bytes_per_rank(rank, world_size, numel):
 def host_reads(rank, world_size, mode, sib, clip):
     """Host reads at steady state with precision-aware state: none in backward, at most 2 per step() (as the
     fp32 state: tests/test_control.py) -- the codes, scales and compensation are handled on the device."""
-    from host_reads import count_host_reads
+    from host_reads import reads_per_step
 
     dtype, opts = MODES[mode]
     model = make_net(dtype)
     opt = ShardedAdamW(model.parameters(), **HP, **opts, bucket_size=6000, step_in_backward=sib, max_grad_norm=clip)
-    out = {"backward": [], "step": [], "where": []}
-    for step in range(5):
-        loss = loss_of(model, batch(step))
-        with count_host_reads() as rb:
-            loss.backward()
-        with count_host_reads() as rs:
-            opt.step()
-        opt.zero_grad()
-        out["backward"].append(rb.count)
-        out["step"].append(rs.count)
-        out["where"].append(rb.where + rs.where)
-    return out
+    return reads_per_step(lambda step: loss_of(model, batch(step)), opt, 5)
