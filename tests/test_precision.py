@@ -372,6 +372,42 @@ def test_deepcopy_pickle_and_torch_state_dicts(cls):
     assert torch.equal(o.state[tm.emb.weight]["exp_avg_absmax"], absmax)
 
 
+def test_grad_scaler_fp16_kahan_int8_and_a_group_added_later():
+    """fp16 weights with Kahan + int8 moments under torch.amp.GradScaler: an overflowing step is skipped (codes,
+    compensation, params unchanged; the scale halves), training goes on; a param group added after the state
+    exists gets int8 state of its own and trains."""
+    model = W.make_net("float16")
+    extra = torch.nn.Parameter(torch.randn(64, 96, dtype=torch.float16))  # 6144 elements: int8
+    opt = ShardedAdamW(model.parameters(), **W.HP, master_dtype=None, kahan_sum=True, state_dtype="int8")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    for step in range(6):
+        loss = W.loss_of(model, W.batch(step))
+        if step == 3:
+            loss = loss * float("inf")
+            before = {k: {n: t.clone() for n, t in st.items()} for k, st in opt.state_dict()["state"].items()}
+            params = [p.detach().clone() for p in model.parameters()]
+        scaler.scale(loss).backward()
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if step == 3:
+            assert opt.last_step_skipped and scaler.get_scale() == scale / 2
+            after = opt.state_dict()["state"]
+            assert all(torch.equal(after[k][n], t) for k, st in before.items() for n, t in st.items())
+            assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
+        if step == 4:
+            opt.add_param_group({"params": [extra]})
+        if step >= 4:
+            extra.grad = None
+    assert torch.isfinite(torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])).all()
+    start = extra.detach().clone()
+    (extra.float() ** 2).sum().backward()
+    opt.step()
+    st = opt.state[extra]
+    assert st["exp_avg"].dtype == torch.uint8 and "kahan_comp" in st and not torch.equal(extra, start)
+
+
 def test_bad_precision_options_name_the_fix():
     p = [torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))]
     with pytest.raises(ValueError, match="state_dtype must be one of"):
