@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .consolidation import complete_loaded_state
 from .options import check_impl, validate_hyper, validate_precision
-from .plain import plain_adamw_step, plain_load_state_dict
+from .plain import plain_adamw_step, plain_load_state_dict, state_bytes
 from .schedules import WdScheduleMixin, portable_wd_fn
 
 __all__ = ["AdamW"]
@@ -99,8 +99,7 @@ class AdamW(WdScheduleMixin, torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state held: moments (int8 codes and scales), Kahan compensation; not ``step``."""
-        return sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items()
-                   if isinstance(t, Tensor) and k != "step")
+        return state_bytes(self.state)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):

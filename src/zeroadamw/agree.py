@@ -14,6 +14,7 @@ host once: the only host read of a step.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import torch
@@ -25,6 +26,16 @@ __all__ = ["AgreementMixin"]
 
 
 class AgreementMixin:
+    def _check_same_layout(self, signature: list) -> None:
+        """Every rank must build the same buckets, or collectives would pair up different data."""
+        if self.control.comm.world_size == 1:
+            return
+        if not self.control.check_same(zlib.crc32(repr(signature).encode())):
+            raise ValueError(
+                "ranks built different parameter layouts: every rank must pass the same parameters (same shapes, "
+                "dtypes, requires_grad and group order) to the optimizer"
+            )
+
     def _local_checks(self) -> list[tuple[type, str]]:
         """Problems this rank can see before any collective; reported with the others' in the control all-reduce."""
         errors = []
@@ -75,8 +86,8 @@ class AgreementMixin:
         stats = torch.cat(parts)
         after = []
         for comm, flags in other.values():  # expert groups: agree within the group (its ranks hold the same tensors)
-            after.append(ctl.all_reduce_packed(ctl.host_vector(flags, torch.float64, ctl.device_for(comm)).clone(),
-                                               comm=comm).to(dev))
+            after.append(ctl.all_reduce_packed(ctl.host_vector(flags, torch.float64, ctl.device_for(comm.world))
+                                               .clone(), comm=comm.world).to(dev))
         ctl.all_reduce_packed(stats)
         if scale is not None:
             after.append(scale.to(dev, torch.float64).reshape(1))
@@ -112,6 +123,8 @@ class AgreementMixin:
         dev = self.control.device
         per_group: list[list[Tensor]] = [[] for _ in self.param_groups]
         for bucket in engine.buckets:
+            if not bucket.comm.counts_norm:  # a mesh's other rows hold the same shards: one row counts
+                continue
             if engine.sharded(bucket):
                 per_group[bucket.group_index].extend(bucket.reduced_grads())
             else:

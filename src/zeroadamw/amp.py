@@ -32,7 +32,7 @@ class GradScalerMixin:
             new_contract = getattr(self, "grad_scale", None)  # GradScaler set it and called step() without itself
             if new_contract is None:
                 return None
-            visible = self.comm.world_size == 1 or self.engine.grads_reduced
+            visible = self.comm.dp_size == 1 or self.engine.grads_reduced
             if not visible and self._attached_scaler is None:
                 raise RuntimeError(
                     "GradScaler called ShardedAdamW.step() without passing itself (its attribute protocol, used "
@@ -46,7 +46,7 @@ class GradScalerMixin:
 
         state = grad_scaler._per_optimizer_states[id(self)]
         # did unscale_() see (and unscale in place) the gradients? Only where they were in param.grad at step time
-        visible = self.comm.world_size == 1 or self.stage == 1 or self.engine.packed_at_step
+        visible = self.comm.dp_size == 1 or self.stage == 1 or self.engine.packed_at_step
         if state["stage"] is OptState.UNSCALED and visible:
             return None
         return grad_scaler._get_scale_async().to(self._device, torch.float32)

@@ -253,7 +253,7 @@ class Bucket:
                 self.full[s.offset : s.offset + s.numel].zero_()
 
     def launch(self) -> None:
-        n = self.comm.world_size
+        n = self.comm.dp_size  # every rank that averages these gradients (a mesh: replicate x shard)
         if self.reduce_dtype == torch.float16:
             self.full.div_(n)  # fp16: average before summing, as DDP does, so the sum cannot overflow
         self.rs_out = self._take(self.layout.shard, self.reduce_dtype, "shard")
@@ -273,14 +273,14 @@ class Bucket:
         if out.dtype != self.acc_dtype:  # e.g. bf16 reduced, fp32 accumulated: average in the wider of the two
             narrowing = torch.finfo(self.acc_dtype).eps > torch.finfo(out.dtype).eps
             if average and narrowing:
-                out.div_(self.comm.world_size)
+                out.div_(self.comm.dp_size)
             o = self._take(self.layout.shard, self.acc_dtype, "shard").copy_(out)
             self._give(out)
             average = average and not narrowing
         else:
             o = out
         if average:
-            o.div_(self.comm.world_size)
+            o.div_(self.comm.dp_size)
         if self.shard_grad is None:
             self.shard_grad = o  # a pooled buffer: back to the pool at release_grads
         else:
@@ -448,7 +448,7 @@ class DirectBucket(Bucket):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.comm.world_size != 1:
+        if self.comm.dp_size != 1:
             raise RuntimeError("DirectBucket is for one process (nothing to reduce)")
         self.direct_grads: list[Tensor | None] = [None] * len(self.params)
 
@@ -538,7 +538,7 @@ def dense_buckets(params: list[Tensor], group_index: int, comm: Comm, bucket_siz
     ``state_dtype="int8"``: params of at least ``quant.MIN_QUANTIZED_NUMEL`` elements get int8 buckets of their
     own, the smaller ones fp32 moments (:mod:`zeroadamw.storage`).
     Returns the buckets and their layout signature entries (what every rank must build identically)."""
-    cls = DirectBucket if in_backward and comm.world_size == 1 else Bucket
+    cls = DirectBucket if in_backward and comm.dp_size == 1 else Bucket
     by_kind: dict[tuple, list[Tensor]] = {}
     for p in trainable(params):
         moments_of = state_dtype if state_dtype != "int8" or p.numel() >= quant.MIN_QUANTIZED_NUMEL else "fp32"

@@ -73,6 +73,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from . import quant
+from .plain import is_dtensor, local
 from .sharded_adamw import ShardedAdamW
 
 __all__ = ["save", "load", "export_consolidated", "CheckpointError", "META_FILE"]
@@ -179,6 +180,11 @@ def _quiet(fn, *args, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled, unavailable or uninitialized.*")
         return fn(*args, **kwargs)
+
+
+def _sharded(optimizer) -> bool:
+    """A ShardedAdamW holding its own shards (under FSDP2 it is a plain optimizer on FSDP2's shards)."""
+    return isinstance(optimizer, ShardedAdamW) and not optimizer._check_plain()
 
 
 def _dist() -> bool:
@@ -371,6 +377,28 @@ def _sharded_entries(opt: ShardedAdamW, names: dict[Tensor, str],
     return entries, desc
 
 
+def _dtensor_range(t: Tensor) -> tuple[int, tuple[int, ...]]:
+    """Where FSDP2's local shard of DTensor ``t`` starts in the flattened tensor, and its local shape: FSDP2
+    shards dim 0 (replicating over an HSDP mesh's other dimension), so the local rows are one flat range."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    if any(offset[1:]):
+        raise CheckpointError("zeroadamw.checkpoint saves DTensors sharded along dim 0 only (FSDP2's default "
+                              f"Shard(0)); got placements {t.placements}")
+    row = t.numel() // t.shape[0] if t.ndim and t.shape[0] else 0
+    return (offset[0] * row if t.ndim else 0), tuple(shape)
+
+
+def _flat_entry(t: Tensor) -> Any:
+    """A state tensor shaped like its param, as the 1-D entry of ``numel`` elements the format stores: itself,
+    or for a DTensor (FSDP2) this rank's flat range of it."""
+    if not is_dtensor(t):
+        return t.detach().reshape(-1)
+    lo, _ = _dtensor_range(t)
+    return _Range(local(t).detach().reshape(-1), lo, t.numel())
+
+
 def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str],
                    keys: dict[Tensor, str]) -> tuple[dict[str, Any], dict[str, dict]]:
     """Any torch.optim optimizer: per-param state tensors (replicated) under the same keys."""
@@ -387,8 +415,12 @@ def _plain_entries(opt: torch.optim.Optimizer, names: dict[Tensor, str],
                                                     else torch.tensor(float(v), dtype=torch.float32))
                     kinds["step"] = {"shape": [], "dtype": "float32", "sharded": False}
                 elif isinstance(v, Tensor) and v.shape == p.shape:
-                    entries[f"optim/{key}/{k}"] = v.detach().reshape(-1)
+                    entries[f"optim/{key}/{k}"] = _flat_entry(v)
                     kinds[k] = {"shape": list(p.shape), "dtype": _dtype_name(v.dtype), "sharded": True}
+                elif is_dtensor(p):
+                    raise TypeError(f"optimizer state {k!r} of {fqn} is kept per local shard of an FSDP2 parameter "
+                                    "(int8 scales): zeroadamw.checkpoint cannot reshard it; use state_dtype='bf16' "
+                                    "or 'fp32' under FSDP2, or torch.distributed.checkpoint")
                 else:
                     raise TypeError(f"optimizer state {k!r} of {fqn} is not a tensor of the parameter's shape")
             if st:
@@ -661,7 +693,7 @@ def save(
             meta["expert_groups"]["tensors"] = per_group
     local_max_step = 0.0
     if optimizer is not None:
-        if isinstance(optimizer, ShardedAdamW):
+        if _sharded(optimizer):
             entries, desc = _sharded_entries(optimizer, names, keys)
             kind = "ShardedAdamW"
         else:
@@ -672,7 +704,7 @@ def save(
                               if k.endswith("/step") and (not isinstance(v, _Range) or v.local.numel())), default=0.0)
         meta["optimizer"] = {"class": kind, "param_groups": _groups_json(optimizer, names), "params": desc,
                              "max_step": local_max_step}
-        if isinstance(optimizer, ShardedAdamW):
+        if _sharded(optimizer):
             meta["optimizer"].update(stage=optimizer.stage, bucket_size=optimizer.bucket_size,
                                      master_dtype=_dtype_name(optimizer.master_dtype) if optimizer.master_dtype else None,
                                      state_dtype=optimizer.state_dtype, kahan_sum=optimizer.kahan_sum)
@@ -854,7 +886,7 @@ def load(
     keys: dict[Tensor, str] = {}
     if optimizer is not None:
         keys = _param_keys(optimizer, names, index)
-        if isinstance(optimizer, ShardedAdamW):
+        if _sharded(optimizer):
             dest.update(_sharded_dests(path, optimizer, names, keys, opt_meta, fill_master))
         else:
             dest.update(_plain_dests(optimizer, names, keys, opt_meta))
@@ -869,7 +901,7 @@ def load(
 
     if optimizer is not None:
         _apply_hyper(optimizer, opt_meta)
-        if isinstance(optimizer, ShardedAdamW):
+        if _sharded(optimizer):
             _restore_sharded(optimizer, names, opt_meta, fill_master)
         else:
             _apply_plain(optimizer, names, keys, opt_meta, dest)
@@ -967,8 +999,24 @@ def _plain_dests(optimizer, names, keys, opt_meta) -> dict[str, Tensor]:
                     continue
                 if not k["sharded"] or k["shape"] != list(p.shape):
                     raise CheckpointError(f"{names[p]}: {kind!r} is {d.get('rule')} state; load it into that optimizer")
-                dests[f"optim/{keys[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(k["dtype"]))
+                if is_dtensor(p):  # FSDP2: read this rank's flat range only
+                    lo, shape = _dtensor_range(p)
+                    dests[f"optim/{keys[p]}/{kind}"] = _Range(torch.empty(math.prod(shape), dtype=_dtype(k["dtype"])),
+                                                              lo, p.numel())
+                else:
+                    dests[f"optim/{keys[p]}/{kind}"] = torch.empty(p.numel(), dtype=_dtype(k["dtype"]))
     return dests
+
+
+def _shaped_like(p: Tensor, t: Any) -> Tensor:
+    """A loaded flat entry shaped like ``p`` (an FSDP2 param: its local range, as a DTensor like ``p``)."""
+    if not isinstance(t, _Range):
+        return t.view(p.shape)
+    from torch.distributed.tensor import DTensor
+
+    _, shape = _dtensor_range(p)
+    return DTensor.from_local(t.local.view(shape).to(local(p).device), p.device_mesh, p.placements,
+                              run_check=False, shape=p.shape, stride=p.stride())
 
 
 def _apply_plain(optimizer, names, keys, opt_meta, loaded) -> None:
@@ -981,7 +1029,7 @@ def _apply_plain(optimizer, names, keys, opt_meta, loaded) -> None:
         for p in g["params"]:
             d = opt_meta["params"].get(names[p])
             if d is not None:
-                st = {kind: loaded[f"optim/{keys[p]}/{kind}"].view(p.shape) for kind in d["kinds"]
+                st = {kind: _shaped_like(p, loaded[f"optim/{keys[p]}/{kind}"]) for kind in d["kinds"]
                       if kind not in ("master", "step")}
                 st["step"] = loaded[f"optim/{keys[p]}/step"]
                 state[index] = st

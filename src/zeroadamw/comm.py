@@ -135,6 +135,11 @@ class Comm:
             raise ValueError(f"ZEROADAMW_GLOO_ALL_GATHER must be auto, p2p or native, got {mode!r}")
         self._ag_mode = mode
         self._peers: list[int] | None = None  # global ranks of the group's members, by group rank
+        # a flat group: the ranks that hold replicas of this group's buckets (the control plane agrees over them,
+        # gradients are averaged over them) are the group itself; zeroadamw.mesh.MeshComm overrides all three
+        self.world = self
+        self.dp_size = self.world_size
+        self.counts_norm = True  # this rank's owned shards count towards the gradient norm
 
     # ---------------------------------------------------------------------------------------------- accounting
     def _count(self, op: str, nbytes: float, *tensors: torch.Tensor) -> None:
@@ -148,8 +153,11 @@ class Comm:
         self.calls.clear()
         self.bytes.clear()
 
-    def counters(self) -> dict[str, dict[str, int]]:
-        return {op: {"calls": self.calls[op], "bytes": self.bytes[op]} for op in sorted(self.calls)}
+    def counters(self, by_dim: bool = False) -> dict:
+        """``op -> {"calls", "bytes"}`` sent by this rank; ``by_dim``: under the one dimension, ``{"shard": ...}``
+        (the shape :meth:`zeroadamw.mesh.MeshComm.counters` gives per mesh dimension)."""
+        out = {op: {"calls": self.calls[op], "bytes": self.bytes[op]} for op in sorted(self.calls)}
+        return {"shard": out} if by_dim else out
 
     # ---------------------------------------------------------------------------------------------- collectives
     def _rs_via_allreduce(self, t: torch.Tensor) -> bool:

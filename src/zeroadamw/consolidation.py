@@ -305,7 +305,7 @@ class ConsolidationMixin:
         if type(self).__init__ is not base.__init__ and type(self)._copy_kwargs is base._copy_kwargs:
             raise TypeError(f"{what} is not supported (its constructor is not ShardedAdamW's); build a new optimizer "
                             "over the copied model and opt2.load_state_dict(opt.state_dict()) instead")
-        if self.comm.world_size > 1:
+        if self.comm.dp_size > 1:
             raise TypeError(
                 f"{what} sharded over a process group (world size {self.comm.world_size}) is not supported: each rank "
                 "holds only its shard of the state, and the copy would need the process group; build a new optimizer "

@@ -102,7 +102,7 @@ class GradEngine:
 
     # --------------------------------------------------------------------------------------------- building
     def add_bucket(self, bucket: Bucket) -> None:
-        direct = (self.step_in_backward or bucket.always_hooked) and bucket.comm.world_size == 1
+        direct = (self.step_in_backward or bucket.always_hooked) and bucket.comm.dp_size == 1
         if bucket.direct != direct:
             raise RuntimeError(f"internal: {bucket!r} is {'' if bucket.direct else 'not '}a DirectBucket, but this "
                                "engine reduces it " + ("in one process in backward" if direct else "with collectives"))
@@ -121,11 +121,11 @@ class GradEngine:
     def hooked(self, bucket: Bucket) -> bool:
         """Stage 2 over several ranks and step-in-backward reduce during backward; the rest read ``param.grad``.
         (Row-sharded buckets -- SparseAdamW -- always reduce in backward.)"""
-        return bucket.always_hooked or self.step_in_backward or (self.stage == 2 and bucket.comm.world_size > 1)
+        return bucket.always_hooked or self.step_in_backward or (self.stage == 2 and bucket.comm.dp_size > 1)
 
     def sharded(self, bucket: Bucket) -> bool:
         """Whether the update reads ``bucket.shard_grad`` (else: slices of ``param.grad``)."""
-        return self.hooked(bucket) or (bucket.comm.world_size > 1 and not self.grads_reduced)
+        return self.hooked(bucket) or (bucket.comm.dp_size > 1 and not self.grads_reduced)
 
     @property
     def fused(self) -> bool:
@@ -239,7 +239,7 @@ class GradEngine:
             # count, the same on every rank: applying issues the all-gather), so it overlaps the rest of backward
             bucket.applied = True
             self._agree_q.append(self.agree_fn(bucket))
-            while self._agree_q and (len(self._agree_q) > self.max_inflight or bucket.comm.world_size == 1):
+            while self._agree_q and (len(self._agree_q) > self.max_inflight or bucket.comm.dp_size == 1):
                 self._apply_next()
 
     def _apply_next(self) -> None:

@@ -56,10 +56,11 @@ class InBackwardMixin:
         held = bucket.reduced_grads()
         sq = sum_of_squares(held, bucket.device)
         ctl = self.control
-        cdev = ctl.device_for(bucket.comm)
+        world = bucket.comm.world  # presence and finiteness: agreed by every rank holding this bucket (all rows)
+        cdev = ctl.device_for(world)
         flags = torch.cat([ctl.host_vector(bucket.present, torch.float32, cdev),
                            (~torch.isfinite(sq)).to(device=cdev, dtype=torch.float32).reshape(1)])
-        return bucket, sq, flags, ctl.all_reduce_packed(flags, comm=bucket.comm, async_op=True)
+        return bucket, sq, flags, ctl.all_reduce_packed(flags, comm=world, async_op=True)
 
     def _apply_in_backward(self, bucket: Bucket, sq: Tensor, flags: Tensor, _handle=None):
         """Phase 2 (the agreement has arrived): update the owned shard now (a non-finite bucket is skipped by the
@@ -75,7 +76,8 @@ class InBackwardMixin:
         elif len(self._applied_sq) < len(self.param_groups):
             self._applied_sq = torch.cat([self._applied_sq, self._applied_sq.new_zeros(
                 len(self.param_groups) - len(self._applied_sq))])
-        self._applied_sq[bucket.group_index] += sq
+        if bucket.comm.counts_norm:  # a mesh: one row's shards make the norm
+            self._applied_sq[bucket.group_index] += sq
         self._applied_bad += bad
         if not self._state_ready:
             self._init_state()

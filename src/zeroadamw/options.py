@@ -250,3 +250,31 @@ def steps_as_tensors(state: dict) -> None:
             st["step"] = torch.tensor(float(step), dtype=torch.float32, device=p.device)
         else:
             raise ValueError(f"loaded step is {step!r}; expected a number or a 0-d tensor")
+
+
+def check_fsdp_options(params: Any, *, process_group, device_mesh, step_in_backward: bool, rule) -> bool:
+    """Whether the params are FSDP2's DTensor shards (then ShardedAdamW runs as a plain AdamW on the local shards:
+    FSDP2 already shards, and a second sharding would split the shards again); options that cannot apply there
+    are refused with the fix."""
+    from .plain import is_dtensor
+
+    items = [params] if isinstance(params, torch.Tensor) else params
+    tensors = [p for item in items for p in (item["params"] if isinstance(item, dict) else [item])]
+    flags = [is_dtensor(p) for p in tensors if isinstance(p, torch.Tensor)]
+    if not any(flags):
+        return False
+    if not all(flags):
+        raise ValueError("some parameters are DTensors (FSDP2's fully_shard) and some are not: shard the whole model "
+                         "with fully_shard (its root too) before building the optimizer")
+    if process_group is not None or device_mesh is not None:
+        raise ValueError("the parameters are FSDP2 DTensor shards: FSDP2 already shards (and reduces) them over its "
+                         "mesh, so the optimizer runs as a plain AdamW on the local shards -- drop process_group= / "
+                         "device_mesh= (the mesh is the one given to fully_shard)")
+    if step_in_backward:
+        raise ValueError("step_in_backward is not supported on FSDP2 parameters (FSDP2 reduce-scatters the gradients "
+                         "itself after backward); use step_in_backward=False")
+    if not rule.plain_client:
+        raise ValueError(f"rule={rule.name!r} cannot run on FSDP2's shards ; use rule='adamw' "
+                         "(or zeroadamw.AdamW)")
+    return True
+

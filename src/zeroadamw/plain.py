@@ -9,6 +9,7 @@ whatever ``param_groups`` holds, with torch-style per-param state. :class:`zeroa
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -18,7 +19,41 @@ from . import functional as F
 from . import quant, storage
 from .options import lr_max
 
-__all__ = ["PlainModeMixin", "plain_adamw_step", "plain_load_state_dict", "init_plain_state", "plain_state_template"]
+__all__ = ["PlainModeMixin", "plain_adamw_step", "plain_load_state_dict", "init_plain_state", "plain_state_template",
+           "is_dtensor", "local", "state_bytes"]
+
+
+# ------------------------------------------------------------------------------------------ FSDP2's DTensors
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded params and their gradients)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view: writing it writes the DTensor), else ``t`` itself. FSDP2 already
+    shards, so the plain step runs on these: no collective, no second sharding, no DTensor dispatch per op."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def _like_param(p: Tensor, t: Tensor) -> Tensor:
+    """State ``t`` made for ``local(p)``, as a DTensor of ``p``'s mesh and placements when ``p`` is one: the state
+    torch.optim.AdamW would hold under FSDP2, so torch's distributed-checkpoint helpers reshard it."""
+    if not is_dtensor(p) or t.shape != local(p).shape:
+        return t  # the step, int8 scales (per block of the local shard): plain local tensors
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def state_bytes(state) -> int:
+    """Bytes of optimizer state this rank holds (local shards of DTensors): moments (int8 codes and scales),
+    Kahan compensation; not ``step``."""
+    return sum(local(t).numel() * t.element_size() for st in state.values() for k, t in st.items()
+               if isinstance(t, Tensor) and k != "step")
 
 
 def init_plain_state(p: Tensor, st: dict, state_dtype: str | None, kahan: bool) -> None:
@@ -26,13 +61,15 @@ def init_plain_state(p: Tensor, st: dict, state_dtype: str | None, kahan: bool) 
     shaped like ``p``, or uint8 codes shaped like ``p`` with per-block scales; a Kahan compensation for bf16/fp16
     params with ``kahan``."""
     st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-    for k, t in plain_state_template(p, state_dtype, kahan).items():
+    lp = local(p)
+    for k, t in plain_state_template(lp, state_dtype, kahan).items():
         if t.dtype == torch.uint8:
-            st[k] = torch.full(p.shape, quant.zero_code(k == "exp_avg"), dtype=torch.uint8, device=p.device)
+            x = torch.full(lp.shape, quant.zero_code(k == "exp_avg"), dtype=torch.uint8, device=lp.device)
         elif k.endswith("_absmax"):
-            st[k] = torch.zeros(quant.nblocks(p.numel()), dtype=torch.float32, device=p.device)
+            x = torch.zeros(quant.nblocks(lp.numel()), dtype=torch.float32, device=lp.device)
         else:
-            st[k] = torch.zeros_like(p, dtype=t.dtype, memory_format=torch.preserve_format)
+            x = torch.zeros_like(lp, dtype=t.dtype, memory_format=torch.preserve_format)
+        st[k] = _like_param(p, x)
 
 
 def plain_state_template(p: Tensor, state_dtype: str | None, kahan: bool) -> dict[str, Tensor]:
@@ -52,38 +89,6 @@ def plain_state_template(p: Tensor, state_dtype: str | None, kahan: bool) -> dic
     if kahan:
         out["kahan_comp"] = e(p.dtype)
     return out
-
-
-def _working(p: Tensor, st: dict) -> tuple[tuple[Tensor, ...], bool]:
-    """(param, grad, exp_avg, exp_avg_sq) for the kernel, and whether they are working copies to store back."""
-    m, v = st["exp_avg"], st["exp_avg_sq"]
-    if m.dtype == p.dtype and "kahan_comp" not in st:
-        return (p, p.grad, m, v), False
-    cd = torch.float64 if p.dtype == torch.float64 else torch.float32
-    t = p.detach().to(cd)
-    if "kahan_comp" in st:
-        t.add_(st["kahan_comp"])
-    if m.dtype == torch.uint8:
-        m = quant.dequantize_tensor(m, st["exp_avg_absmax"], True)
-        v = quant.dequantize_tensor(v, st["exp_avg_sq_absmax"], False)
-        quant.guard_underflow(m, v)
-    return (t, p.grad.to(cd), m.to(cd), v.to(cd)), True
-
-
-def _store(p: Tensor, st: dict, work: tuple[Tensor, ...]) -> None:
-    t, _, m, v = work
-    if "kahan_comp" in st:
-        new = t.to(p.dtype)
-        st["kahan_comp"].copy_(t.sub_(new.to(t.dtype)))
-        p.detach().copy_(new)
-    elif t is not p:
-        p.detach().copy_(t)
-    if st["exp_avg"].dtype == torch.uint8:
-        st["exp_avg"], st["exp_avg_absmax"] = quant.quantize_tensor(m, True)
-        st["exp_avg_sq"], st["exp_avg_sq_absmax"] = quant.quantize_tensor(v, False)
-    elif m is not st["exp_avg"]:
-        st["exp_avg"].copy_(m)
-        st["exp_avg_sq"].copy_(v)
 
 
 def plain_load_state_dict(opt: torch.optim.Optimizer, state_dict: dict, state_dtype: str | None,
@@ -152,10 +157,14 @@ def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str, state
             step = st["step"]
             if not isinstance(step, Tensor) or step.dtype != torch.float32 or step.device != p.device:
                 st["step"] = torch.as_tensor(float(step), dtype=torch.float32).to(p.device)
+            grad = local(p.grad)
+            if is_dtensor(p):  # FSDP2: the local shards (state made for them; writes go through the views)
+                st = {k: local(v) for k, v in st.items()}
+                p = local(p)
             if st["exp_avg"].dtype != p.dtype or "kahan_comp" in st:  # stored otherwise: chunk by chunk
-                _precision_update(p, st, hyper)
+                _precision_update(p, st, hyper, grad)
                 continue
-            tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
+            tensors = (p, grad, st["exp_avg"], st["exp_avg_sq"])
             if p.is_complex():
                 tensors = tuple(torch.view_as_real(t) for t in tensors)
             lists = by_kind.setdefault((p.device, tensors[0].dtype), ([], [], [], [], []))
@@ -168,7 +177,7 @@ def plain_adamw_step(param_groups: list[dict], state, impl: str, who: str, state
 _CHUNK = 1 << 22  # elements per working copy (a multiple of the 256-element block): DeepSpeed's flat partitions
 
 
-def _precision_update(p: Tensor, st: dict, hyper: dict) -> None:
+def _precision_update(p: Tensor, st: dict, hyper: dict, grad: Tensor) -> None:
     """One param whose state is stored in another dtype (bf16 / int8 moments, Kahan): fp32 working copies of at
     most ``_CHUNK`` elements at a time (a flat partition of hundreds of millions of elements must not get fp32
     copies of everything at once), the kernel, the stored values written back in place."""
@@ -178,14 +187,14 @@ def _precision_update(p: Tensor, st: dict, hyper: dict) -> None:
     for lo in range(0, n, _CHUNK):
         hi = min(n, lo + _CHUNK)
         s = step.clone()  # every chunk takes the same step; the count is advanced once
-        work = _working(p, st, lo, hi)
+        work = _working(p, st, lo, hi, grad)
         F.adamw([work[0]], [work[1]], [work[2]], [work[3]], [s], **hyper)
         _store(p, st, work, lo, hi, s)
         taken = s
     step.copy_(taken)
 
 
-def _working(p: Tensor, st: dict, lo: int, hi: int) -> tuple[Tensor, ...]:
+def _working(p: Tensor, st: dict, lo: int, hi: int, grad: Tensor) -> tuple[Tensor, ...]:
     """fp32 (param, grad, exp_avg, exp_avg_sq) of the flat elements ``lo:hi`` of ``p``."""
     cd = torch.float64 if p.dtype == torch.float64 else torch.float32
     t = p.detach().reshape(-1)[lo:hi].to(cd, copy=True)
@@ -198,7 +207,7 @@ def _working(p: Tensor, st: dict, lo: int, hi: int) -> tuple[Tensor, ...]:
         m = quant.dequantize_tensor(m, st["exp_avg_absmax"][b0:b1], True)
         v = quant.dequantize_tensor(v, st["exp_avg_sq_absmax"][b0:b1], False)
         quant.guard_underflow(m, v)
-    return t, p.grad.reshape(-1)[lo:hi].to(cd), m.to(cd), v.to(cd)
+    return t, grad.reshape(-1)[lo:hi].to(cd), m.to(cd), v.to(cd)
 
 
 def _store(p: Tensor, st: dict, work: tuple[Tensor, ...], lo: int, hi: int, step: Tensor) -> None:
@@ -238,6 +247,8 @@ class PlainModeMixin:
                 f"rule={self.rule!r} cannot run as another system's client optimizer (DeepSpeed partitions the "
                 "state and hands over flat partitions); use rule='adamw' there")
         self._plain = True
+        # Accelerate's FSDP2 prepare() swaps the params for fully_shard's DTensors: FSDP2 mode from here on
+        self._fsdp = all(is_dtensor(p) for g in self.param_groups for p in g["params"])
         self.engine.remove_hooks()
         self.engine.clear()
         self.state.clear()  # nothing of ours refers to the new tensors; torch-style per-param state from here on
@@ -249,12 +260,41 @@ class PlainModeMixin:
         self.engine.pool.clear()
         self._state_ready = False
         logging.getLogger("zeroadamw").info(
-            "ShardedAdamW: param_groups were replaced (DeepSpeed ZeRO partitions itself); acting as a plain AdamW")
+            "ShardedAdamW: param_groups were replaced (%s); acting as a plain AdamW",
+            "by FSDP2's DTensor shards" if self._fsdp else "DeepSpeed ZeRO partitions itself")
         return True
 
     def _plain_load_state_dict(self, state_dict: dict) -> None:
         plain_load_state_dict(self, state_dict, self.state_dtype, self.kahan_sum)
 
     def _plain_step(self) -> None:
-        plain_adamw_step(self.param_groups, self.state, self.impl, "ShardedAdamW as DeepSpeed's client optimizer",
-                         self.state_dtype, self.kahan_sum)
+        who = "ShardedAdamW on FSDP2's shards" if self._fsdp else "ShardedAdamW as DeepSpeed's client optimizer"
+        plain_adamw_step(self.param_groups, self.state, self.impl, who, self.state_dtype, self.kahan_sum)
+
+    def _fsdp_agree(self, grad_scaler) -> bool:
+        """FSDP2 (DTensor params): the gradient norm of each param group over every rank's shards (torch's
+        ``get_total_norm`` on the DTensor gradients: one small collective per group, one host read), clipping by
+        ``max_grad_norm`` on the local shards, and the skip of a non-finite step -- the same on every rank, since
+        the norms are. Returns whether to take the step."""
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            raise TypeError("ShardedAdamW on FSDP2 params does not take a GradScaler (the inf check would be per "
+                            "rank); train in bf16 (no loss scaling needed) or use zeroadamw.AdamW with "
+                            "torch.amp.GradScaler")
+        grads = [[p.grad for p in g["params"] if p.grad is not None] for g in self.param_groups]
+        every = [t for gs in grads for t in gs]
+        # the total as torch.nn.utils.clip_grad_norm_ computes it (so clipping matches it bit for bit), and each
+        # group's for the statistics: collectives over FSDP2's mesh (DTensor results), one host read
+        norms = [torch.nn.utils.get_total_norm(gs, 2.0) if gs else torch.zeros(()) for gs in (every, *grads)]
+        full = [n.full_tensor() if is_dtensor(n) else n for n in norms]
+        host = torch.stack([n.to(torch.float64).cpu() for n in full]).tolist()  # the host read of the step
+        total = host[0]
+        self.group_grad_norms, self.grad_norm = host[1:], total
+        self.grad_norm_tensor.fill_(total)
+        self.last_step_skipped = not math.isfinite(total)
+        if self.last_step_skipped:
+            self.skipped_steps += 1
+            return False
+        if self.max_grad_norm is not None:
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norms[0])
+        return True

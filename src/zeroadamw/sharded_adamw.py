@@ -37,7 +37,6 @@ import contextlib
 import math
 import warnings
 import weakref
-import zlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -47,12 +46,13 @@ from . import functional as F
 from .agree import AgreementMixin
 from .amp import GradScalerMixin
 from .buckets import Bucket, dense_buckets
-from .comm import Comm
+from .mesh import make_comm
 from .consolidation import ConsolidationMixin
 from .control import Control
 from .engine import GradEngine
 from .in_backward import InBackwardMixin, engine_callbacks
-from .options import (DEFAULT_BUCKET_SIZE, auto_bucket_size, check_params, materialise_params, trainable_numel,
+from .options import (DEFAULT_BUCKET_SIZE, auto_bucket_size, check_fsdp_options, check_params, materialise_params,
+                      trainable_numel,
                       validate_hyper, validate_max_grad_norm, validate_options)
 from .plain import PlainModeMixin
 from .rules import get_rule
@@ -97,6 +97,11 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             backward. Both all-gather the updated params after the step.
         process_group: the data-parallel group; ``None`` = the default group, or a single process when
             ``torch.distributed`` is not initialised.
+        device_mesh: instead of ``process_group``, a ``DeviceMesh``: 1-D (its group), or 2-D with
+            ``mesh_dim_names=("replicate", "shard")`` -- state and gradients sharded over ``"shard"`` (inside a
+            node), replicated over ``"replicate"`` (across nodes): per bucket a reduce-scatter over ``"shard"``, an
+            all-reduce of the shard over ``"replicate"``, the update, an all-gather over ``"shard"``
+            (:mod:`zeroadamw.mesh`; :func:`zeroadamw.mesh_from_env` builds it under torchrun).
         bucket_size: elements per communication bucket; ``None`` (default) picks about 1/32 of the trainable
             elements, between 2**20 and :data:`DEFAULT_BUCKET_SIZE` (2**23): ``options.auto_bucket_size``.
         master_dtype: dtype of the sharded master weights kept for bf16/fp16 params (default fp32); ``None``
@@ -172,6 +177,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         decay: str = "decoupled",
         stage: int = 2,
         process_group=None,
+        device_mesh=None,
         bucket_size: int | None = None,
         master_dtype: torch.dtype | None = torch.float32,
         max_grad_norm: float | None = None,
@@ -204,6 +210,8 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self.stage = stage
         self.state_dtype, self.kahan_sum = state_dtype, kahan_sum
         params = materialise_params(params)
+        self._fsdp = check_fsdp_options(params, process_group=process_group, device_mesh=device_mesh,
+                                        step_in_backward=step_in_backward, rule=self._rule)
         self.bucket_size = auto_bucket_size(trainable_numel(params)) if bucket_size is None else bucket_size
         self.master_dtype = master_dtype
         self.reduce_dtype = reduce_dtype
@@ -211,14 +219,16 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self.rule = rule
         self.step_in_backward = bool(step_in_backward)
         self.param_views = param_views
-        self.comm = Comm(process_group)
+        self.comm = make_comm(process_group, device_mesh)
         self.engine = GradEngine(stage, grads_reduced, step_in_backward=self.step_in_backward)
         self.engine.gathers.on = overlap_param_gather
         self.max_grad_norm = max_grad_norm  # (a property: with step_in_backward it picks fused vs exact clipping)
         self.grad_norm_tensor = torch.zeros((), dtype=torch.float32)  # grad_norm as a 0-d tensor, updated in place
         self.engine.release_check = _weak(self, "_check_plain", gone=True)  # no optimizer: leave param.grad alone
         self.engine.on_moved = _weak(self, "_on_bucket_moved")
-        self._plain = False  # another system (DeepSpeed ZeRO) partitions: act as a plain AdamW over param_groups
+        # another system partitions -- DeepSpeed ZeRO (detected at the first step) or FSDP2 (DTensor params, known
+        # now) --: act as a plain AdamW over param_groups (FSDP2: on the local shards, zeroadamw.plain)
+        self._plain = self._fsdp
         self._control: Control | None = None
         # fused step in backward: per-group sum of grad^2 and the count of non-finite buckets already applied this
         # step, accumulated on the device (read once, in step()'s packed control read)
@@ -243,7 +253,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self._check_same_layout(self._layout_signature)
         self._bind_params(self.engine.buckets)
         self._constructed = True
-        if not self.engine.buckets:
+        if not self.engine.buckets and not self._fsdp:
             raise ValueError(
                 "ShardedAdamW got no trainable parameters (every parameter has requires_grad=False or is empty). "
                 "For LoRA/PEFT, build the optimizer after get_peft_model(...) so the adapters are trainable."
@@ -266,7 +276,7 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
     def control(self) -> Control:
         """The control plane (:mod:`zeroadamw.control`): small collectives on the params' device."""
         if self._control is None:
-            self._control = Control(self.comm, self._device)
+            self._control = Control(self.comm.world, self._device)  # every rank agrees (a mesh: every row)
             self.engine.control = self._control
         return self._control
 
@@ -288,6 +298,8 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         self._wd_register(self.param_groups[-1], wd_fn)
         self._seen.update(params)
         gi = len(self.param_groups) - 1
+        if self._fsdp:  # FSDP2 shards: no buckets, no hooks, the plain step on the local shards
+            return
         buckets, signature = self._make_buckets(gi)
         for bucket in buckets:
             self.engine.add_bucket(bucket)
@@ -308,16 +320,6 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
                                          self.reduce_dtype, in_backward=self.step_in_backward,
                                          state_dtype=self.state_dtype, kahan=self.kahan_sum)
         return buckets, [gi, len(group["params"]), *entries]
-
-    def _check_same_layout(self, signature: list) -> None:
-        """Every rank must build the same buckets, or collectives would pair up different data."""
-        if self.comm.world_size == 1:
-            return
-        if not self.control.check_same(zlib.crc32(repr(signature).encode())):
-            raise ValueError(
-                "ranks built different parameter layouts: every rank must pass the same parameters (same shapes, "
-                "dtypes, requires_grad and group order) to the optimizer"
-            )
 
     # ------------------------------------------------------------------------------------------- accumulation
     @contextlib.contextmanager
@@ -345,9 +347,11 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
         params outside a module's forward (``model.state_dict()``, an EMA copy, ``p.detach()``)."""
         self.engine.gathers.wait_all()
 
-    def comm_counters(self) -> dict[str, dict[str, int]]:
-        """Collective calls and bytes sent by this rank since the last :meth:`reset_comm_counters`."""
-        return self.comm.counters()
+    def comm_counters(self, by_dim: bool = False) -> dict:
+        """Collective calls and bytes sent by this rank since the last :meth:`reset_comm_counters`: ``op ->
+        {"calls", "bytes"}``; ``by_dim=True``: per mesh dimension, ``{"shard": ..., "replicate": ...,
+        "world": ...}`` (a flat group: ``{"shard": ...}``)."""
+        return self.comm.counters(by_dim=by_dim)
 
     def reset_comm_counters(self) -> None:
         self.comm.reset_counters()
@@ -380,7 +384,9 @@ class ShardedAdamW(StateMixin, AgreementMixin, InBackwardMixin, GradScalerMixin,
             with torch.enable_grad():
                 loss = closure()
         self._record_step_hparams()
-        if self._check_plain():  # another system partitions (DeepSpeed): a plain AdamW over its param_groups
+        if self._check_plain():  # another system partitions (DeepSpeed, FSDP2): a plain AdamW over param_groups
+            if self._fsdp and not self._fsdp_agree(grad_scaler):
+                return loss  # a non-finite gradient somewhere: skipped on every rank
             self._plain_step()
             self._advance_wd_schedule()
             return loss

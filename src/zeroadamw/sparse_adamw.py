@@ -130,10 +130,11 @@ class RowBucket(Bucket):
         # after that each rank checks its own kind on the host and the mask stays on the device.
         kind_t = torch.full((1,), self.local_kind, dtype=torch.float32, device=self.device)
         msg = torch.cat([kind_t, self.local_touched.to(torch.float32)])
-        if self.comm.world_size > 1:  # through the control plane: on the group's control device, and back
-            self.tracker.control.all_reduce_packed(msg, comm=self.comm, op=dist.ReduceOp.MAX)
+        world = self.comm.world  # every rank that contributes gradients (a mesh: all rows)
+        if world.world_size > 1:  # through the control plane: on the group's control device, and back
+            self.tracker.control.all_reduce_packed(msg, comm=world, op=dist.ReduceOp.MAX)
         if self.kind is None:
-            kind = float(msg[0]) if self.comm.world_size > 1 else self.local_kind
+            kind = float(msg[0]) if world.world_size > 1 else self.local_kind
             if kind > 0:
                 self.kind = kind
         if self.local_kind > 0 and self.kind is not None and self.local_kind != self.kind and self.tracker is not None:
@@ -173,12 +174,13 @@ class RowBucket(Bucket):
             idx = torch.zeros(0, dtype=torch.long, device=self.device)
             vals = torch.zeros(0, self.D, dtype=self.acc_dtype, device=self.device)
         self.coo_in = []
-        n = self.comm.world_size
+        world = self.comm.world  # COO rows come from every rank (a mesh: all rows), each keeps what it owns
+        n = world.world_size
         if n > 1:  # variable-size exchange: the counts are read on the host (COO gradients only)
-            dev = self._control_device()
+            dev = self._control_device(world)
             counts = torch.full((1,), idx.numel(), dtype=torch.int64, device=dev)
             all_counts = torch.empty(n, dtype=counts.dtype, device=counts.device)
-            self.comm.all_gather(all_counts, counts, async_op=False)
+            world.all_gather(all_counts, counts, async_op=False)
             m = int(all_counts.max())  # host read (COO only)
             pad_idx = torch.full((m,), -1, dtype=torch.long, device=self.device)
             pad_idx[: idx.numel()] = idx
@@ -186,8 +188,8 @@ class RowBucket(Bucket):
             pad_vals[: idx.numel()] = vals
             g_idx = torch.empty(n * m, dtype=torch.long, device=self.device)
             g_vals = torch.empty(n * m * self.D, dtype=self.acc_dtype, device=self.device)
-            self.comm.all_gather(g_idx, pad_idx, async_op=False)
-            self.comm.all_gather(g_vals, pad_vals.reshape(-1), async_op=False)
+            world.all_gather(g_idx, pad_idx, async_op=False)
+            world.all_gather(g_vals, pad_vals.reshape(-1), async_op=False)
             keep = g_idx >= 0
             idx, vals = g_idx[keep], g_vals.view(n * m, self.D)[keep]
         own = (idx >= self.rows_lo) & (idx < self.rows_hi)
@@ -201,9 +203,9 @@ class RowBucket(Bucket):
         if self.tracker is not None:
             self.tracker._count_shard(vals.numel() * vals.element_size())
 
-    def _control_device(self) -> torch.device:
+    def _control_device(self, comm=None) -> torch.device:
         ctl = getattr(self.tracker, "control", None)
-        return ctl.device_for(self.comm) if ctl is not None else self.device
+        return ctl.device_for(comm or self.comm) if ctl is not None else self.device
 
     def owned_rows_dense(self) -> Tensor:
         """The averaged gradient of the owned rows as a ``[rows, D]`` tensor (a view of the reduced shard for
@@ -319,7 +321,7 @@ class SparseAdamW(ShardedAdamW):
         buckets, entries = [], []
         for p in trainable(group["params"]):
             master = master_dtype_for(p.dtype, self.master_dtype)
-            cls = DirectRowBucket if comm.world_size == 1 else RowBucket  # rows always reduce in backward
+            cls = DirectRowBucket if comm.dp_size == 1 else RowBucket  # rows always reduce in backward
             sd = self.state_dtype
             if sd == "int8" and (p.numel() < quant.MIN_QUANTIZED_NUMEL or (p.numel() // p.shape[0]) % quant.BLOCK):
                 sd = "fp32"  # int8 blocks must lie inside rows (rows of a multiple of 256 elements), else fp32
@@ -351,6 +353,8 @@ class SparseAdamW(ShardedAdamW):
     # ------------------------------------------------------------------------------------------------- step
     def _before_step(self) -> None:
         """Remember L_{t-1} and this step's log-decay factor per group (the lr / weight decay of this step)."""
+        for g in self.param_groups:  # (a group loaded from another optimizer's checkpoint has none yet)
+            g.setdefault("log_decay", 0.0)
         self._log_decay_before = {id(g): g["log_decay"] for g in self.param_groups}
         self._factors = {id(g): self._log_factor(g) for g in self.param_groups}
 

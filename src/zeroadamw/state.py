@@ -159,6 +159,10 @@ class StateMixin:
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds: ``exp_avg`` + ``exp_avg_sq`` (+ master) of its shard (AdamW);
         the factored / sharded second moments (+ master) for AdaLomo; the master for LOMO."""
+        if self._plain:  # DeepSpeed's client / FSDP2's shards: torch-style per-param state
+            from .plain import state_bytes
+
+            return state_bytes(self.state)
         return sum(b.state_bytes() for b in self.engine.buckets) + self._rule.extra_state_bytes(self.state)
 
     def _state_kinds(self, p: Tensor) -> dict[str, tuple[str, Tensor]]:
