@@ -644,3 +644,162 @@ def test_cli_state_dtype_kahan_and_fits(capsys):
     assert rc == 2 and "--precision-method" in err
     with pytest.raises(SystemExit):
         _cli(["llama-7b", "--state-dtype", "int4"], capsys)
+
+
+# ------------------------------------------------------------------------------------------ communication model
+def test_comm_bytes_by_hand():
+    """The counters' formulas, one int(round()) per bucket and collective, as zeroadamw.comm.Comm counts."""
+    # S = 3, R = 2, bf16: buckets of 10 and 7 elements padded to 12 and 9 (multiples of S)
+    assert E.comm_bytes([(12, 2, 2), (9, 2, 2)], shard=3, replicate=2) == {
+        "shard": {"reduce_scatter": 16 + 12, "all_gather": 16 + 12},  # 2/3 x P x 2
+        "replicate": {"all_reduce": 8 + 6}}  # 2 x 1/2 x (P/3) x 2
+    # the all-reduce of a 1-element shard over R = 3: 4/3 x 2 = 2.67 B -> 3 per bucket, 6 in all (not round(5.33))
+    assert E.comm_bytes([(2, 2, 2), (2, 2, 2)], shard=2, replicate=3) == {
+        "shard": {"reduce_scatter": 4, "all_gather": 4}, "replicate": {"all_reduce": 6}}
+    # fp32 gradients, bf16 params; R = 1: no replicate collective
+    assert E.comm_bytes([(12, 4, 2)], shard=3) == {"shard": {"reduce_scatter": 32, "all_gather": 16},
+                                                   "replicate": {}}
+    # S = 1: no shard collective, the whole bucket all-reduced over R = 4: 2 x 3/4 x 10 x 2
+    assert E.comm_bytes([(10, 2, 2)], shard=1, replicate=4) == {"shard": {}, "replicate": {"all_reduce": 30}}
+    assert E.comm_bytes([(10, 2, 2)], shard=1, replicate=1) == {"shard": {}, "replicate": {}}
+    # 3 reduced micro-batches: reduce-scatter and all-reduce 3 times, the all-gather once
+    assert E.comm_bytes([(4, 2, 2)], shard=2, replicate=2, micro_batches=3) == {
+        "shard": {"reduce_scatter": 12, "all_gather": 4}, "replicate": {"all_reduce": 12}}
+    assert E.comm_bytes([], shard=8, replicate=2) == {"shard": {"reduce_scatter": 0, "all_gather": 0},
+                                                      "replicate": {"all_reduce": 0}}
+    with pytest.raises(ValueError, match="not a multiple of the shard size 3"):
+        E.comm_bytes([(10, 2, 2)], shard=3)
+    with pytest.raises(ValueError, match="shard .* must be an int >= 1"):
+        E.comm_bytes([(10, 2, 2)], shard=0)
+
+
+def test_comm_estimate_tiny_llama_by_hand():
+    """K = 2 nodes x G = 3 GPUs, bf16, TINY_BUCKETS: flat pads each bucket to a multiple of 6, hierarchical of 3."""
+    spec = E.spec_from_config(TINY)
+    flat, hier, ddp = E.comm_estimate(spec, 2, 3, "bf16", bucket_size=4000)
+    flat_shards = [550, 512, 598, 438, 512, 512, 534]  # ceil(bucket / 6)
+    assert [-(-b // 6) for b in TINY_BUCKETS] == flat_shards and sum(flat_shards) == 3656
+    # reduce-scatter and all-gather: 5/6 x 6 x 3656 x 2 each
+    assert flat.collectives == {"shard": {"reduce_scatter": 36560, "all_gather": 36560}, "replicate": {}}
+    assert (flat.intra_node, flat.inter_node, flat.state) == (0, 73120, 12 * 3656)  # a ring spanning nodes: inter
+    # S = 3: the shards of the N = 3 test (7308 elements); reduce-scatter and all-gather 2/3 x 3 x 7308 x 2 each
+    assert hier.collectives == {"shard": {"reduce_scatter": 29232, "all_gather": 29232},
+                                "replicate": {"all_reduce": 14616}}  # 2 x 1/2 x 7308 x 2
+    assert (hier.intra_node, hier.inter_node, hier.state) == (58464, 14616, 12 * 7308)  # state / S, not / N
+    assert ddp.collectives == {"world": {"all_reduce": 73067}}  # 2 x 5/6 x 21920 x 2 = 73066.67
+    assert (ddp.intra_node, ddp.inter_node, ddp.state) == (0, 73067, 4 * TINY_PSI)
+    assert hier.time_s == pytest.approx(58464 / 450e9 + 14616 / 25e9)
+    assert hier.overlapped_s == pytest.approx(14616 / 25e9)  # the larger term
+    assert flat.time_s == pytest.approx(73120 / 25e9)
+    # one node: flat and hierarchical are the same group, all on intra-node links
+    one_flat, one_hier, one_ddp = E.comm_estimate(spec, 1, 6, "bf16", bucket_size=4000, intra_node_gbps=100.0)
+    assert one_flat.collectives == one_hier.collectives and one_flat.inter_node == one_hier.inter_node == 0
+    assert one_flat.intra_node == 73120 and one_flat.time_s == pytest.approx(73120 / 100e9)
+    assert (one_ddp.intra_node, one_ddp.inter_node) == (73067, 0)
+    # fp32 gradients on the wire, 2 reduced micro-batches: reduce-scatter and all-reduce x 2 x 2 B, all-gather x 1
+    _, h2, d2 = E.comm_estimate(spec, 2, 3, "bf16", reduce_dtype="fp32", micro_batches=2, bucket_size=4000)
+    assert h2.collectives == {"shard": {"reduce_scatter": 4 * 29232, "all_gather": 29232},
+                              "replicate": {"all_reduce": 4 * 14616}}
+    assert d2.inter_node == 2 * int(round(2 * 5 / 6 * TINY_PSI * 4))
+    # one GPU per node: nothing to shard, the whole bucket all-reduced across nodes
+    _, g1, _ = E.comm_estimate(spec, 4, 1, "bf16", bucket_size=4000)
+    assert g1.collectives == {"shard": {}, "replicate": {"all_reduce": int(round(2 * 3 / 4 * TINY_PSI * 2))}}
+    with pytest.raises(ValueError, match="inter-node bandwidth"):
+        E.comm_estimate(spec, 2, 3, inter_node_gbps=0)
+    with pytest.raises(ValueError, match="GPUs per node"):
+        E.comm_estimate(spec, 2, 0)
+
+
+def test_comm_estimate_int8_pads_on_blocks():
+    """int8 buckets cut shards on 256-element blocks: the padding, hence the bytes, follow."""
+    spec = E.ModelSpec("one", [("w", (1000, 10))])
+    _, hier, _ = E.comm_estimate(spec, 2, 4, "bf16", state_dtype="int8")
+    padded = 4 * 256 * math.ceil(10000 / (4 * 256))  # 10240
+    assert hier.collectives["shard"]["reduce_scatter"] == 3 * padded // 4 * 2
+    assert hier.collectives["replicate"]["all_reduce"] == padded // 4 * 2
+
+
+def test_cli_comm_table_and_json(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(TINY))
+    rc, out, _ = _cli([str(path), "--nodes", "2", "--gpus-per-node", "3", "--json", "--bucket-size", "4000",
+                       "--methods", "stage2"], capsys)
+    assert rc == 0
+    rec = json.loads(out)
+    assert rec["memory"][0]["world_size"] == 6 and rec["memory"][0]["method"] == "stage2"  # the table's N = K x G
+    comm = {r["layout"]: r for r in rec["comm"]}
+    assert list(comm) == ["flat", "hierarchical", "ddp"]
+    assert comm["hierarchical"]["bytes_per_rank"] == {"intra_node": 58464, "inter_node": 14616, "total": 73080}
+    assert comm["hierarchical"]["collectives"]["replicate"] == {"all_reduce": 14616}
+    assert (comm["hierarchical"]["shard_size"], comm["hierarchical"]["replicate_size"]) == (3, 2)
+    assert comm["hierarchical"]["state_bytes_per_rank"] == 12 * 7308
+    assert comm["flat"]["bytes_per_rank"]["inter_node"] == 73120 and comm["flat"]["reduce_dtype"] == "bf16"
+    assert comm["ddp"]["time_lower_bound_s"] == pytest.approx(73067 / 25e9)
+    assert comm["flat"]["bandwidth_gbps"] == {"intra_node": E.INTRA_NODE_GBPS, "inter_node": E.INTER_NODE_GBPS}
+
+    rc, out, _ = _cli(["llama-7b", "--nodes", "4", "--gpus-per-node", "8", "--methods", "stage2",
+                       "--inter-node-gbps", "50"], capsys)
+    assert rc == 0
+    assert "world size 32, bf16" in out  # the memory table is for K x G ranks
+    flat, hier, ddp = E.comm_estimate(E.load_model("llama-7b"), 4, 8, inter_node_gbps=50.0)
+    assert "4 nodes x 8 GPUs = 32 ranks" in out and "inter-node 50 GB/s" in out
+    for e in (flat, hier, ddp):
+        row = next(ln for ln in out.splitlines() if ln.startswith(e.label))
+        assert row.split()[-6:] == [str(e.shard), f"{e.state / 2**30:.2f}", f"{e.intra_node / 1e9:.3f}",
+                                    f"{e.inter_node / 1e9:.3f}", f"{e.time_s * 1e3:.1f}",
+                                    f"{e.overlapped_s * 1e3:.1f}"]
+    assert "a lower bound: bandwidth only, no latency, no overlap with compute" in out
+    # --world-size and --nodes give --gpus-per-node; --gpus-per-node alone is one node
+    rc, out, _ = _cli(["7B", "--nodes", "2", "--world-size", "16", "--methods", "stage2"], capsys)
+    assert rc == 0 and "2 nodes x 8 GPUs = 16 ranks" in out
+    rc, out, _ = _cli(["7B", "--gpus-per-node", "4", "--methods", "stage2"], capsys)
+    assert rc == 0 and "world size 4," in out and "1 node x 4 GPUs = 4 ranks" in out
+
+
+def test_cli_comm_errors(capsys):
+    cases = [
+        (["--nodes", "2", "--gpus-per-node", "8", "--world-size", "8"],
+         "--world-size 8 does not match --nodes 2 x --gpus-per-node 8 = 16 ranks"),
+        (["--nodes", "2"], "--nodes 2 needs --gpus-per-node G"),
+        (["--gpus-per-node", "8", "--world-size", "12"], "--world-size 12 is not a whole number of nodes"),
+        (["--nodes", "1,2", "--gpus-per-node", "8", "--world-size", "8"], "does not go with a list of --nodes"),
+        (["--nodes", "1,2"], "a sweep over --nodes needs --gpus-per-node"),
+        (["--nodes", "0", "--gpus-per-node", "8"], "--nodes takes a node count >= 1"),
+        (["--nodes", "two", "--gpus-per-node", "8"], "--nodes takes a node count >= 1"),
+        (["--nodes", "2", "--gpus-per-node", "8", "--intra-node-gbps", "0"], "intra-node bandwidth"),
+        (["--nodes", "2", "--gpus-per-node", "8", "--micro-batches", "0"], "micro-batches"),
+    ]
+    for argv, msg in cases:
+        rc, _, err = _cli(["7B", *argv], capsys)
+        assert rc == 2 and msg in err, (argv, err)
+
+
+def test_cli_comm_sweep(capsys):
+    rc, out, _ = _cli(["llama-7b", "--nodes", "1,2,4", "--gpus-per-node", "8", "--json"], capsys)
+    assert rc == 0
+    rec = json.loads(out)
+    assert set(rec) == {"comm"}  # a sweep has no single memory table
+    assert [(r["nodes"], r["layout"]) for r in rec["comm"]] == [(k, lay) for k in (1, 2, 4)
+                                                                for lay in ("flat", "hierarchical", "ddp")]
+    rc, out, _ = _cli(["llama-7b", "--nodes", "1,2,4", "--gpus-per-node", "8"], capsys)
+    assert rc == 0 and "GiB per rank" not in out  # no memory table
+    rows = E.sweep_rows(E.comm_sweep(E.load_model("llama-7b"), [1, 2, 4], 8))
+    lines = out.splitlines()
+    for row in rows:
+        line = next(ln for ln in lines if ln.split()[:2] == [str(row["nodes"]), str(row["world_size"])])
+        assert line.split()[2:] == [f"{row[k]:{f}}" for k, _, f in E.SWEEP_COLUMNS[2:]]
+    one, two, four = rows
+    assert one["flat_ms"] == one["hier_ms"] and one["flat_inter_gb"] == 0  # one node: the same group
+    assert two["hier_inter_gb"] < two["flat_inter_gb"] / 8 and four["speedup"] > 1  # 1/S of the bytes cross nodes
+    assert four["hier_state_gib"] == one["hier_state_gib"] == 4 * four["flat_state_gib"]  # / S = 8 vs / N = 32
+
+
+def test_comm_model_doc_is_current():
+    """docs/comm_model.md is what benchmarks/comm_model_plot.py writes from today's model."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("comm_model_plot", ROOT / "benchmarks" / "comm_model_plot.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (ROOT / "docs" / "comm_model.md").read_text() == mod.markdown(mod.sweep()), \
+        "run python benchmarks/comm_model_plot.py"

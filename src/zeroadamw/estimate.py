@@ -4,8 +4,12 @@ r"""``zeroadamw estimate``: per-rank bytes of params / gradients / optimizer sta
                        [--state-dtype {fp32,bf16,int8}] [--kahan] [--precision-method METHOD|none]
                        [--bucket-size 8388608] [--lora-rank 8] [--lora-targets q_proj,k_proj,v_proj,o_proj]
                        [--methods ddp_adamw,stage2,...] [--configs-dir DIR]
+                       [--nodes K[,K,...] --gpus-per-node G] [--intra-node-gbps 450] [--inter-node-gbps 25]
+                       [--reduce-dtype {fp32,bf16}] [--micro-batches 1]
 
     zeroadamw estimate llama-7b --world-size 8 --methods step_in_backward --state-dtype int8 --kahan
+    zeroadamw estimate llama-7b --nodes 4 --gpus-per-node 8                # + the communication table
+    zeroadamw estimate llama-7b --nodes 1,2,4,8,16,32,64,128 --gpus-per-node 8   # the sweep table only
 
 ``MODEL`` is a Hugging Face ``config.json`` (or the directory holding it), the name of ``configs/<name>.json``,
 a built-in preset (:data:`PRESETS`: ``llama-7b``, ``llama-2-7b``, ``llama-2-13b``, ``llama-3-8b``), or a
@@ -56,6 +60,23 @@ every tensor on a block and cut shards on blocks, which ``S`` includes). ``--kah
 methods, one zeroadamw method (``--precision-method``) is shown under each of these six storages. "fits on":
 the GPUs of :data:`GPU_SIZES_GB` GB (about as many GiB) whose memory less :data:`GPU_RESERVE_GIB` holds the
 total; the activations need the rest.
+
+Communication (``--nodes K --gpus-per-node G``; N = K x G, and ``--world-size``, if given, must agree): the bytes
+each rank sends per step on intra-node and on inter-node links, for flat ZeRO over N ranks, hierarchical sharding
+(:mod:`zeroadamw.mesh`: shard S = G inside a node, replicate R = K across nodes) and DDP's all-reduce. Per bucket
+of ``P`` padded elements (a multiple of S), reduce bytes ``b_r``, param bytes ``b_p`` (:func:`comm_bytes`, to the
+byte what :class:`zeroadamw.comm.Comm` counts)::
+
+    "shard" reduce-scatter     (S-1)/S x P x b_r        per reduced backward (--micro-batches)
+    "replicate" all-reduce     2(R-1)/R x P/S x b_r     per reduced backward
+    "shard" all-gather         (S-1)/S x P x b_p        once per step
+    DDP all-reduce             2(N-1)/N x Psi x b_r     per reduced backward
+
+Flat is S = N, R = 1. A flat ring (or DDP's) spanning nodes counts all its bytes on the inter-node links; with
+K = 1 all is intra-node. The time lower bound is intra bytes / ``--intra-node-gbps`` + inter bytes /
+``--inter-node-gbps`` (GB/s per GPU and direction; defaults :data:`INTRA_NODE_GBPS`, :data:`INTER_NODE_GBPS`):
+bandwidth only, no latency, no overlap with compute. A list of K prints :func:`format_comm_sweep` instead of the
+memory table.
 """
 
 from __future__ import annotations
@@ -80,6 +101,8 @@ __all__ = [
     "METHODS", "ZERO_METHODS", "PRESETS", "DEFAULT_LORA_TARGETS", "GPU_SIZES_GB", "ModelSpec", "Estimate",
     "parse_count", "load_model", "spec_from_config", "spec_from_module", "estimate", "precision_estimates",
     "precision_label", "default_precision_method", "format_table", "add_arguments", "run",
+    "INTRA_NODE_GBPS", "INTER_NODE_GBPS", "CommEstimate", "comm_bytes", "comm_estimate", "comm_sweep", "sweep_rows",
+    "format_comm_table", "format_comm_sweep", "topology",
 ]
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
@@ -690,6 +713,170 @@ def default_precision_method(methods) -> str | None:
     return next((m for m in methods if m in ZERO_METHODS), None)
 
 
+# ------------------------------------------------------------------------------------------- communication
+INTRA_NODE_GBPS = 450.0
+"""GB/s per GPU, one direction, inside a node (``--intra-node-gbps``): H100 SXM's NVLink 4, 900 GB/s both ways."""
+INTER_NODE_GBPS = 25.0
+"""GB/s per GPU, one direction, between nodes (``--inter-node-gbps``): one 200 Gb/s InfiniBand NIC per GPU."""
+COMM_LAYOUTS = {
+    "flat": "flat ZeRO, {n}",
+    "hierarchical": "hierarchical, {g} shard x {k} replicate",
+    "ddp": "DDP all-reduce, {n}",
+}
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be an int >= 1, got {value!r}")
+    return value
+
+
+def comm_bytes(buckets, shard: int, replicate: int = 1, micro_batches: int = 1) -> dict[str, dict[str, int]]:
+    """Bytes one rank sends per optimizer step, as :class:`zeroadamw.comm.Comm`'s counters count them.
+
+    ``buckets``: ``(padded_numel, reduce_bytes, param_bytes)`` per gradient bucket; ``padded_numel`` is a multiple
+    of ``shard`` (ShardedAdamW pads every bucket so). ``shard`` = S ranks of the ``"shard"`` dimension, ``replicate``
+    = R of ``"replicate"`` (flat sharding over N ranks: ``shard=N, replicate=1``). Per bucket, each collective
+    call is rounded with ``int(round(...))`` as the counter rounds it, from the same float expression:
+
+    * ``"shard"`` reduce-scatter: ``(S-1)/S * P * reduce_bytes``, once per reduced backward (``micro_batches``);
+    * ``"replicate"`` all-reduce of the 1/S shard: ``2(R-1)/R * P/S * reduce_bytes``, once per reduced backward;
+    * ``"shard"`` all-gather of the updated params: ``(S-1)/S * P * param_bytes``, once per step.
+
+    Returns ``{"shard": {"reduce_scatter": int, "all_gather": int}, "replicate": {"all_reduce": int}}``; a
+    dimension of size 1 makes no collective call, and its dict is empty."""
+    shard = _positive_int(shard, "shard (the shard group's size S)")
+    replicate = _positive_int(replicate, "replicate (the replicate group's size R)")
+    micro_batches = _positive_int(micro_batches, "micro_batches (reduced backward passes per step)")
+    rs = ag = ar = 0
+    for padded, reduce_bytes, param_bytes in buckets:
+        if padded % shard:
+            raise ValueError(f"bucket of {padded} padded elements is not a multiple of the shard size {shard}: "
+                             "ShardedAdamW pads each bucket to a multiple of the shard group's size")
+        if shard > 1:
+            rs += int(round((shard - 1) / shard * padded * reduce_bytes))  # Comm.reduce_scatter's expression
+            ag += int(round((shard - 1) / shard * padded * param_bytes))  # Comm.all_gather's
+        if replicate > 1:
+            ar += int(round(2 * (replicate - 1) / replicate * (padded // shard) * reduce_bytes))  # Comm.all_reduce's
+    return {"shard": {"reduce_scatter": micro_batches * rs, "all_gather": ag} if shard > 1 else {},
+            "replicate": {"all_reduce": micro_batches * ar} if replicate > 1 else {}}
+
+
+@dataclass
+class CommEstimate:
+    """One layout's per-step communication per rank (``layout``: ``"flat"``, ``"hierarchical"``, ``"ddp"``).
+
+    ``shard`` / ``replicate``: the sizes of the two dimensions (DDP: ``shard=1``, all ranks replicate);
+    ``collectives``: :func:`comm_bytes`'s dict (DDP: ``{"world": {"all_reduce": bytes}}``); ``intra_node`` /
+    ``inter_node``: those bytes by the links they cross; ``state``: optimizer state + master (or Kahan
+    compensation) per rank, sharded over ``shard`` (DDP: torch AdamW's, replicated)."""
+
+    layout: str
+    label: str
+    nodes: int
+    gpus_per_node: int
+    shard: int
+    replicate: int
+    collectives: dict
+    intra_node: int
+    inter_node: int
+    state: int
+    intra_node_gbps: float = INTRA_NODE_GBPS
+    inter_node_gbps: float = INTER_NODE_GBPS
+    micro_batches: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def intra_s(self) -> float:
+        return self.intra_node / (self.intra_node_gbps * 1e9)
+
+    @property
+    def inter_s(self) -> float:
+        return self.inter_node / (self.inter_node_gbps * 1e9)
+
+    @property
+    def time_s(self) -> float:
+        """The step's communication time lower bound: bandwidth only, the intra- and inter-node phases one after
+        the other; no latency, no overlap with compute."""
+        return self.intra_s + self.inter_s
+
+    @property
+    def overlapped_s(self) -> float:
+        """The same if the intra- and inter-node phases of different buckets overlapped perfectly."""
+        return max(self.intra_s, self.inter_s)
+
+    def record(self) -> dict:
+        return {"layout": self.layout, "label": self.label, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
+                "world_size": self.world_size, "shard_size": self.shard, "replicate_size": self.replicate,
+                "micro_batches": self.micro_batches, "collectives": self.collectives,
+                "bytes_per_rank": {"intra_node": self.intra_node, "inter_node": self.inter_node,
+                                   "total": self.intra_node + self.inter_node},
+                "bandwidth_gbps": {"intra_node": self.intra_node_gbps, "inter_node": self.inter_node_gbps},
+                "time_lower_bound_s": self.time_s, "time_overlapped_s": self.overlapped_s,
+                "state_bytes_per_rank": self.state}
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
+def _gbps(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"{what} must be a positive number of GB/s per GPU, got {value!r}")
+    return float(value)
+
+
+def comm_estimate(spec: ModelSpec, nodes: int, gpus_per_node: int, dtype: str = "bf16", *,
+                  reduce_dtype: str | None = None, bucket_size: int | None = None, state_dtype: str = "fp32",
+                  kahan: bool = False, micro_batches: int = 1, intra_node_gbps: float = INTRA_NODE_GBPS,
+                  inter_node_gbps: float = INTER_NODE_GBPS) -> list[CommEstimate]:
+    """Per-step bytes per rank on intra- and inter-node links, K = ``nodes`` x G = ``gpus_per_node`` ranks, for
+    flat ZeRO over N = K x G ranks, hierarchical sharding (shard S = G inside a node, replicate R = K across
+    nodes) and DDP's all-reduce. Buckets as ShardedAdamW plans them (``bucket_size``, ``state_dtype``: int8 cuts
+    shards on blocks), padded per shard size. ``reduce_dtype`` (default ``dtype``): the gradients' dtype on the
+    wire; ``micro_batches``: backward passes reduced per step (stage 2 outside ``no_sync()``, step in backward).
+    A flat ring spanning nodes (K > 1) counts all its bytes on the inter-node links: its slowest hop sets its
+    speed (NCCL's bus bandwidth); with K = 1 all is intra-node. See docs/estimate.md."""
+    nodes = _positive_int(nodes, "nodes (--nodes)")
+    gpus = _positive_int(gpus_per_node, "GPUs per node (--gpus-per-node)")
+    micro_batches = _positive_int(micro_batches, "micro-batches (--micro-batches)")
+    bws = (_gbps(intra_node_gbps, "intra-node bandwidth (--intra-node-gbps)"),
+           _gbps(inter_node_gbps, "inter-node bandwidth (--inter-node-gbps)"))
+    reduce_dtype = dtype if reduce_dtype is None else reduce_dtype
+    if reduce_dtype not in DTYPE_BYTES:
+        raise ValueError(f"reduce dtype must be one of {', '.join(DTYPE_BYTES)} (--reduce-dtype), got {reduce_dtype!r}")
+    n = nodes * gpus
+    ranks = _plural(n, "rank")
+    s = _setup(spec, n, dtype, bucket_size, 8, DEFAULT_LORA_TARGETS, state_dtype, kahan)
+    b, br, bp = s.buckets(), DTYPE_BYTES[reduce_dtype], s.p
+
+    def zero(layout: str, shard: int, replicate: int) -> CommEstimate:
+        planned = [(sh * shard, br, bp) for sh in b.shards(shard)]
+        coll = comm_bytes(planned, shard, replicate, micro_batches)
+        node_local, cross = sum(coll["shard"].values()), sum(coll["replicate"].values())
+        if layout == "flat" and nodes > 1:  # a ring spanning nodes runs at its inter-node hops' speed
+            node_local, cross = 0, node_local + cross
+        label = COMM_LAYOUTS[layout].format(n=ranks, g=gpus, k=nodes)
+        return CommEstimate(layout, label, nodes, gpus, shard, replicate, coll, node_local, cross,
+                            sum(b.state(shard, s.weight_bytes)), *bws, micro_batches)
+
+    ddp = micro_batches * int(round(2 * (n - 1) / n * s.psi * br)) if n > 1 else 0
+    out = [zero("flat", n, 1), zero("hierarchical", gpus, nodes)]
+    out.append(CommEstimate("ddp", COMM_LAYOUTS["ddp"].format(n=ranks), nodes, gpus, 1, n,
+                            {"world": {"all_reduce": ddp}} if ddp else {}, 0 if nodes > 1 else ddp,
+                            ddp if nodes > 1 else 0, (4 if s.mixed else 8) * s.psi, *bws, micro_batches))
+    return out
+
+
+def comm_sweep(spec: ModelSpec, nodes, gpus_per_node: int, dtype: str = "bf16", **kw) -> list[CommEstimate]:
+    """:func:`comm_estimate` for each K in ``nodes`` (e.g. 1, 2, 4, ..., 128), G = ``gpus_per_node``: three
+    records per K, in order."""
+    return [e for k in nodes for e in comm_estimate(spec, k, gpus_per_node, dtype, **kw)]
+
+
 # ---------------------------------------------------------------------------------------------------- output
 _COLS = ("params", "grads", "opt state", "master/comp", "total")
 
@@ -752,11 +939,86 @@ def format_table(spec: ModelSpec, estimates: list[Estimate], world_size: int, dt
     return "\n".join(lines)
 
 
+def _comm_footer(e: CommEstimate) -> list[str]:
+    return [
+        f"bandwidth per GPU, one direction: intra-node {e.intra_node_gbps:g} GB/s (--intra-node-gbps; default: H100 "
+        f"SXM NVLink 4), inter-node {e.inter_node_gbps:g} GB/s (--inter-node-gbps; default: one 200 Gb/s NIC per GPU). "
+        "GB = 1e9 bytes.",
+        "time bound: intra-node bytes / intra-node bandwidth + inter-node bytes / inter-node bandwidth -- a lower "
+        "bound: bandwidth only, no latency, no overlap with compute; 'overlapped': the larger of the two terms, if "
+        "the node-local and cross-node phases of different buckets overlapped perfectly. A flat ring spanning nodes "
+        "counts entirely on the inter-node links (its slowest hop sets its speed).",
+        "state: zeroadamw's optimizer state + master (or Kahan compensation) per rank, sharded over 'state over' ranks "
+        "(hierarchical: the GPUs of a node, as the memory rows of --world-size G); DDP: torch AdamW's, replicated.",
+    ]
+
+
+def _comm_head(spec: ModelSpec, e: CommEstimate, dtype: str, reduce_dtype: str, bucket_size: int) -> str:
+    per = "per step" if e.micro_batches == 1 else f"per step of {e.micro_batches} reduced micro-batches"
+    return (f"communication {per}, per rank: {spec.name}, {dtype} params, {reduce_dtype} gradients on the wire, "
+            f"bucket size {bucket_size:,} elements")
+
+
+def format_comm_table(spec: ModelSpec, estimates: list[CommEstimate], dtype: str, reduce_dtype: str,
+                      bucket_size: int) -> str:
+    """:func:`comm_estimate`'s rows for one K x G: state per rank, intra- and inter-node GB, time bounds."""
+    e0 = estimates[0]
+    w = max(len(e.label) for e in estimates)
+    cols = ("state over", "state GiB", "intra-node GB", "inter-node GB", "time bound ms", "overlapped ms")
+    lines = [_comm_head(spec, e0, dtype, reduce_dtype, bucket_size),
+             f"{_plural(e0.nodes, 'node')} x {_plural(e0.gpus_per_node, 'GPU')} = {_plural(e0.world_size, 'rank')}",
+             "",
+             f"{'layout':<{w}}  " + "  ".join(f"{c:>13}" for c in cols)]
+    for e in estimates:
+        vals = (f"{e.shard}", f"{e.state / 2**30:.2f}", f"{e.intra_node / 1e9:.3f}", f"{e.inter_node / 1e9:.3f}",
+                f"{e.time_s * 1e3:.1f}", f"{e.overlapped_s * 1e3:.1f}")
+        lines.append(f"{e.label:<{w}}  " + "  ".join(f"{v:>13}" for v in vals))
+    return "\n".join(lines + [""] + _comm_footer(e0))
+
+
+def sweep_rows(estimates: list[CommEstimate]) -> list[dict]:
+    """:func:`comm_sweep`'s records, one row per K: flat vs hierarchical (the numbers of the sweep table)."""
+    rows = []
+    for i in range(0, len(estimates), 3):
+        flat, hier = estimates[i], estimates[i + 1]
+        rows.append({"nodes": flat.nodes, "world_size": flat.world_size,
+                     "flat_inter_gb": flat.inter_node / 1e9, "flat_intra_gb": flat.intra_node / 1e9,
+                     "hier_inter_gb": hier.inter_node / 1e9, "hier_intra_gb": hier.intra_node / 1e9,
+                     "flat_ms": flat.time_s * 1e3, "hier_ms": hier.time_s * 1e3,
+                     "hier_overlapped_ms": hier.overlapped_s * 1e3,
+                     "flat_state_gib": flat.state / 2**30, "hier_state_gib": hier.state / 2**30,
+                     "speedup": flat.time_s / hier.time_s if hier.time_s else 1.0})
+    return rows
+
+
+SWEEP_COLUMNS = (("nodes", "K", "d"), ("world_size", "ranks", "d"), ("flat_intra_gb", "flat intra GB", ".2f"),
+                 ("flat_inter_gb", "flat inter GB", ".2f"), ("hier_intra_gb", "hier intra GB", ".2f"),
+                 ("hier_inter_gb", "hier inter GB", ".2f"), ("flat_ms", "flat ms", ".1f"),
+                 ("hier_ms", "hier ms", ".1f"), ("hier_overlapped_ms", "hier overl. ms", ".1f"),
+                 ("speedup", "flat/hier", ".2f"), ("flat_state_gib", "flat state GiB", ".2f"),
+                 ("hier_state_gib", "hier state GiB", ".2f"))
+"""The sweep table's columns: (key of :func:`sweep_rows`, header, format)."""
+
+
+def format_comm_sweep(spec: ModelSpec, estimates: list[CommEstimate], dtype: str, reduce_dtype: str,
+                      bucket_size: int) -> str:
+    """:func:`comm_sweep` as one table: per K, flat vs hierarchical bytes, time bounds and state per rank."""
+    e0 = estimates[0]
+    lines = [_comm_head(spec, e0, dtype, reduce_dtype, bucket_size) + f"; {e0.gpus_per_node} GPUs per node",
+             "flat: ZeRO over all K x G ranks; hier: shard over the G GPUs of a node, replicate over the K nodes; "
+             "ms: the time lower bound", "",
+             "  ".join(f"{h:>{max(len(h), 5)}}" for _, h, _ in SWEEP_COLUMNS)]
+    for row in sweep_rows(estimates):
+        lines.append("  ".join(f"{row[k]:>{max(len(h), 5)}{f}}" for k, h, f in SWEEP_COLUMNS))
+    return "\n".join(lines + [""] + _comm_footer(e0))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="a Hugging Face config.json (or its directory), a name from configs/ or a built-in "
                              f"preset ({', '.join(PRESETS)}), or a parameter count (7e9, 7B, 1300000000)")
-    parser.add_argument("--world-size", type=int, default=1, help="data-parallel ranks N (default 1)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="data-parallel ranks N (default 1, or --nodes x --gpus-per-node)")
     parser.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default="bf16",
                         help="param dtype; bf16 = mixed precision with fp32 master for DeepSpeed/zeroadamw (default)")
     parser.add_argument("--state-dtype", choices=STATE_DTYPES, default="fp32",
@@ -778,33 +1040,120 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated module names LoRA adapts (default: the attention projections)")
     parser.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(METHODS)}")
     parser.add_argument("--configs-dir", default=None, help="where named configs live (default: ./configs and the repo's)")
+    comm = parser.add_argument_group("communication model (a table of per-step bytes and time bounds per rank)")
+    comm.add_argument("--nodes", default=None, metavar="K[,K...]",
+                      help="nodes K: prints flat ZeRO over K x G ranks vs hierarchical (shard over a node's G GPUs, "
+                           "replicate over the K nodes) vs DDP; a list (1,2,4,8,16,32,64,128) prints a sweep table "
+                           "instead of the memory table")
+    comm.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                      help="GPUs per node G (the shard group of the hierarchical layout)")
+    comm.add_argument("--intra-node-gbps", type=float, default=INTRA_NODE_GBPS, metavar="X",
+                      help=f"GB/s per GPU, one direction, inside a node (default {INTRA_NODE_GBPS:g}: H100 SXM "
+                           "NVLink 4, 900 GB/s both ways; better: your nccl-tests busbw)")
+    comm.add_argument("--inter-node-gbps", type=float, default=INTER_NODE_GBPS, metavar="Y",
+                      help=f"GB/s per GPU, one direction, between nodes (default {INTER_NODE_GBPS:g}: one 200 Gb/s "
+                           "InfiniBand NIC per GPU; 400 Gb/s NICs: 50)")
+    comm.add_argument("--reduce-dtype", choices=tuple(DTYPE_BYTES), default=None,
+                      help="dtype gradients are reduced in, ShardedAdamW(reduce_dtype=...) (default: --dtype)")
+    comm.add_argument("--micro-batches", type=int, default=1, metavar="M",
+                      help="backward passes whose gradients are reduced per step (stage 2 outside no_sync(), step "
+                           "in backward): reduce-scatter and all-reduce M times, all-gather once (default 1)")
+
+
+def _parse_nodes(text: str) -> list[int]:
+    parts = [t.strip() for t in text.split(",")]
+    try:
+        nodes = [int(t) for t in parts]
+    except ValueError:
+        nodes = []
+    if not nodes or any(k < 1 for k in nodes):
+        raise ValueError(f"--nodes takes a node count >= 1 or a comma-separated list of them (1,2,4,8), got {text!r}")
+    return nodes
+
+
+def topology(world_size: int | None, nodes: str | None,
+             gpus_per_node: int | None) -> tuple[int, list[int] | None, int | None]:
+    """The command line's (``--world-size``, ``--nodes``, ``--gpus-per-node``) -> (N of the memory table, the K
+    values or ``None`` for no communication table, G). N = K x G; a list of K is a sweep (no N: ``0``). Any two of
+    the three give the third; inconsistent ones are a ``ValueError`` that says so."""
+    ks = None if nodes is None else _parse_nodes(nodes)
+    if ks is None and gpus_per_node is None:
+        return (1 if world_size is None else world_size), None, None
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node must be >= 1, got {gpus_per_node}")
+    if ks is not None and len(ks) > 1:
+        if gpus_per_node is None:
+            raise ValueError("a sweep over --nodes needs --gpus-per-node G")
+        if world_size is not None:
+            raise ValueError(f"--world-size {world_size} does not go with a list of --nodes: each K has its own "
+                             "K x G ranks; drop --world-size")
+        return 0, ks, gpus_per_node
+    if ks is None:  # G alone: one node, or --world-size / G nodes
+        k = 1 if world_size is None else world_size // gpus_per_node
+        if world_size is not None and (world_size < 1 or world_size % gpus_per_node):
+            raise ValueError(f"--world-size {world_size} is not a whole number of nodes of --gpus-per-node "
+                             f"{gpus_per_node} GPUs; pass --nodes K, or a multiple of {gpus_per_node}")
+        return k * gpus_per_node, [k], gpus_per_node
+    k = ks[0]
+    if gpus_per_node is None:
+        if world_size is None or world_size < 1 or world_size % k:
+            raise ValueError(f"--nodes {k} needs --gpus-per-node G (or a --world-size that is a multiple of {k})")
+        return world_size, [k], world_size // k
+    if world_size is not None and world_size != k * gpus_per_node:
+        raise ValueError(f"--world-size {world_size} does not match --nodes {k} x --gpus-per-node {gpus_per_node} "
+                         f"= {k * gpus_per_node} ranks; drop --world-size or make them agree")
+    return k * gpus_per_node, [k], gpus_per_node
+
+
+def _comm(args: argparse.Namespace, spec: ModelSpec, nodes: list[int], gpus: int) -> list[CommEstimate]:
+    return comm_sweep(spec, nodes, gpus, args.dtype, reduce_dtype=args.reduce_dtype, bucket_size=args.bucket_size,
+                      state_dtype=args.state_dtype, kahan=args.kahan, micro_batches=args.micro_batches,
+                      intra_node_gbps=args.intra_node_gbps, inter_node_gbps=args.inter_node_gbps)
 
 
 def run(args: argparse.Namespace) -> int:
     """Estimate and print; errors in the input go to stderr with exit status 2."""
+    comm: list[CommEstimate] = []
     try:
         targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
         if not targets:
             raise ValueError("--lora-targets is empty; name at least one module, e.g. q_proj,v_proj")
         methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+        world, nodes, gpus = topology(args.world_size, args.nodes, args.gpus_per_node)
         spec = load_model(args.model, args.configs_dir)
+        if nodes is not None:
+            comm = _comm(args, spec, nodes, gpus)
+        sweep = nodes is not None and len(nodes) > 1
         kw = dict(bucket_size=args.bucket_size, lora_rank=args.lora_rank, lora_targets=targets)
-        ests = estimate(spec, args.world_size, args.dtype, methods=methods, state_dtype=args.state_dtype,
-                        kahan=args.kahan, **kw)
+        ests = [] if sweep else estimate(spec, world, args.dtype, methods=methods, state_dtype=args.state_dtype,
+                                         kahan=args.kahan, **kw)
         pm = args.precision_method
         pm = default_precision_method([e.method for e in ests]) if pm is None else (None if pm == "none" else pm)
         precision = None
-        if pm is not None and not args.json:
+        if pm is not None and not args.json and not sweep:
             precision = (METHODS[pm].format(r=args.lora_rank) if pm in METHODS else pm,
-                         precision_estimates(spec, args.world_size, args.dtype, pm, **kw))
+                         precision_estimates(spec, world, args.dtype, pm, **kw))
     except ValueError as e:
         print(f"zeroadamw estimate: error: {e}", file=sys.stderr)
         return 2
     bucket = args.bucket_size if args.bucket_size is not None else auto_bucket_size(spec.numel)
+    reduce_dtype = args.reduce_dtype or args.dtype
     if args.json:
-        common = {"model": spec.name, "total_params": spec.numel, "world_size": args.world_size, "dtype": args.dtype,
+        common = {"model": spec.name, "total_params": spec.numel, "world_size": world, "dtype": args.dtype,
                   "bucket_size": bucket}
-        print(json.dumps([dict(common, **e.record()) for e in ests], indent=1))
+        memory = [dict(common, **e.record()) for e in ests]
+        if nodes is None:
+            print(json.dumps(memory, indent=1))
+        else:
+            common = {"model": spec.name, "total_params": spec.numel, "dtype": args.dtype,
+                      "reduce_dtype": reduce_dtype, "bucket_size": bucket}
+            out = {} if sweep else {"memory": memory}
+            out["comm"] = [dict(common, **e.record()) for e in comm]
+            print(json.dumps(out, indent=1))
+    elif sweep:
+        print(format_comm_sweep(spec, comm, args.dtype, reduce_dtype, bucket))
     else:
-        print(format_table(spec, ests, args.world_size, args.dtype, bucket, precision))
+        print(format_table(spec, ests, world, args.dtype, bucket, precision))
+        if comm:
+            print("\n" + format_comm_table(spec, comm, args.dtype, reduce_dtype, bucket))
     return 0
