@@ -16,6 +16,18 @@ QLoRA runs there too (bitsandbytes' NF4 layers on CPU): ``--qlora`` builds that 
 ``<output_dir>/qlora_base/`` and loads it 4-bit; ``--state_dtype fp32|bf16|int8`` and ``--kahan_sum`` (with
 ``--torch_dtype bfloat16``: bf16 adapters) choose how ShardedAdamW stores the adapters' state.
 
+Beyond one node, ``--mesh hierarchical`` shards ShardedAdamW over a 2-D ("replicate", "shard") DeviceMesh
+(``zeroadamw.mesh_from_env``: the LOCAL_WORLD_SIZE ranks of a node -- or ``--shard_size`` -- shard, the nodes
+replicate), e.g. on each of 2 hosts (launch/multinode_torchrun.sh, launch/slurm_multinode.sbatch,
+configs/multinode_accelerate.yaml):
+
+    torchrun --nnodes 2 --nproc_per_node 8 --node_rank R --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \
+        --rdzv-id job1 launch/finetune_llama.py --mesh hierarchical ...
+
+It then counts one step's collectives (default the last; ``--comm_report_step N``; ``--comm_report true`` does
+it for ``--mesh flat`` too), prints them per mesh dimension next to ``zeroadamw.estimate.comm_bytes``' model and
+writes ``comm_bytes.json`` (with a digest of every rank's final params).
+
 At the end rank 0 prints a per-rank memory table (params / grads / optimizer state / peak) against what
 torch.optim.AdamW would have needed, and writes ``<output_dir>/loss.png``, ``diagnostics.png`` (from
 ``diagnostics.jsonl``, which the diagnostics callback writes during training), ``log_history.jsonl``,
@@ -31,12 +43,19 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # no GPU: a CPU run, whichever launcher started it. TrainingArguments set the device up while the arguments
+    # are parsed, from accelerate's state: under plain torchrun (no ACCELERATE_USE_CPU, as accelerate launch's
+    # CPU config sets) every rank would find no GPU and train alone, at world size 1
+    os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
     # a CPU run: tell DeepSpeed so (accelerate imports it, when installed, to unwrap models), instead of it
     # probing for accelerators and printing "Setting accelerator to CPU" -- the same choice, silently
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "..", "configs", "llama-tiny.json")
@@ -97,6 +116,19 @@ class ZeroArguments:
     diagnostics: bool = field(default=True, metadata={"help": "log per-group param/grad norms, update/weight ratio "
                                                              "and effective decay (zeroadamw.diagnostics); "
                                                              "plotted to OUTPUT_DIR/diagnostics.png"})
+    mesh: str = field(default="flat", metadata={"help": "flat: shard over all ranks (one group); hierarchical: a "
+                                                       "2-D mesh (replicate, shard) from torchrun's environment "
+                                                       "(zeroadamw.mesh_from_env): the ranks of a node shard, the "
+                                                       "nodes replicate (--optimizer zeroadamw only)",
+                                               "choices": ["flat", "hierarchical"]})
+    shard_size: int | None = field(default=None, metadata={"help": "--mesh hierarchical: ranks per shard row "
+                                                                  "(default LOCAL_WORLD_SIZE, the ranks of a node)"})
+    comm_report: bool = field(default=False, metadata={"help": "count the collectives of one training step and "
+                                                              "compare them with zeroadamw.estimate.comm_bytes "
+                                                              "(always on with --mesh hierarchical); to "
+                                                              "OUTPUT_DIR/comm_bytes.json"})
+    comm_report_step: int = field(default=0, metadata={"help": "the step --comm_report counts (1-based global "
+                                                              "step); 0: the run's last step"})
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -289,6 +321,178 @@ def keeping_trainable_dtypes(trainer_cls, model):
     return Trainer
 
 
+# ------------------------------------------------------------------------------------------------------ mesh
+COMM_REPORT_FILE = "comm_bytes.json"
+
+
+def build_mesh(zargs: ZeroArguments, targs):
+    """--mesh hierarchical: the ("replicate", "shard") DeviceMesh of zeroadamw.mesh_from_env (torchrun's
+    LOCAL_WORLD_SIZE ranks -- or --shard_size -- per shard row, the nodes replicate); --mesh flat: None."""
+    if zargs.mesh not in ("flat", "hierarchical"):
+        raise SystemExit(f"--mesh must be flat or hierarchical, got {zargs.mesh!r}")
+    if zargs.mesh == "flat":
+        if zargs.shard_size is not None:
+            raise SystemExit("--shard_size is an option of --mesh hierarchical (--mesh flat shards over all ranks)")
+        return None
+    if zargs.optimizer != "zeroadamw":
+        raise SystemExit(f"--mesh hierarchical is an option of --optimizer zeroadamw (ShardedAdamW's device_mesh=); "
+                         f"--optimizer {zargs.optimizer} does not shard over a mesh: drop --mesh")
+    if targs.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+        raise SystemExit("--mesh hierarchical does not apply under DeepSpeed (DeepSpeed partitions the optimizer "
+                         "itself; zeroadamw's plain AdamW is its client): drop --mesh, or --deepspeed")
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or targs.world_size < 2:
+        raise SystemExit("--mesh hierarchical needs a distributed launch (torchrun, or accelerate launch, of several "
+                         "processes): it shards over each node's ranks and replicates over the nodes")
+    from zeroadamw import mesh_from_env
+
+    try:
+        return mesh_from_env(targs.device.type, shard_size=zargs.shard_size)
+    except ValueError as e:
+        raise SystemExit(f"--mesh hierarchical: {e}") from e
+
+
+def reduced_backwards(opt, micro_batches: int) -> int:
+    """Backward passes of one optimizer step that reduce gradients: with gradient accumulation HF Trainer runs
+    every micro-batch but the last under the optimizer's no_sync(), where ShardedAdamW (stage 1 and 2) keeps
+    the gradients in param.grad and communicates nothing -- one reduction per step; with step_in_backward every
+    backward reduces (into the sharded fp32 accumulator)."""
+    return micro_batches if opt.step_in_backward else 1
+
+
+def _sha256_params(model) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class CommReport(TrainerCallback):
+    """The communication of one steady-state optimizer step (default: the run's last), per rank and mesh
+    dimension, against zeroadamw.estimate.comm_bytes' model.
+
+    The optimizer's counters are reset at the step's start (``on_step_begin``: before its first micro-batch) and
+    read at its end (``on_step_end``, before the diagnostics' collective and before logging / saving). Rank 0
+    prints counted / model bytes per dimension; at the end of training it writes ``OUTPUT_DIR/comm_bytes.json``
+    with every rank's counters and a SHA-256 of every rank's final params (equal on all ranks: the rows of a
+    mesh stay identical). The callback goes first in Trainer's list, so no other callback's collective is
+    counted."""
+
+    def __init__(self, trainer, step: int = 0):
+        self.trainer, self.step = trainer, step
+        self.target = None
+        self.active = False
+        self.record: dict | None = None
+
+    def _opt(self):
+        from zeroadamw.integrations.accelerate import find_sharded_optimizer
+
+        return find_sharded_optimizer(self.trainer.optimizer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.target = self.step if self.step > 0 else state.max_steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.target and self._opt() is not None:
+            self._opt().reset_comm_counters()
+            self.active = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self.active:
+            return
+        self.active = False
+        import torch.distributed as dist
+
+        from zeroadamw.estimate import comm_bytes
+
+        opt = self._opt()
+        counted = opt.comm_counters(by_dim=True)
+        comm = opt.comm
+        shard = comm.world_size
+        replicate = comm.replicate.world_size if hasattr(comm, "replicate") else 1
+        micro = int(getattr(self.trainer, "current_gradient_accumulation_steps", None)
+                    or args.gradient_accumulation_steps)
+        reduced = reduced_backwards(opt, micro)
+        buckets = [(b.layout.padded, b.reduce_dtype.itemsize, b.dtype.itemsize) for b in opt.engine.buckets]
+        model = comm_bytes(buckets, shard=shard, replicate=replicate, micro_batches=reduced)
+        mine = {"rank": args.process_index, "node": int(os.environ.get("GROUP_RANK", 0)),  # torchrun's node
+                "local_rank": args.local_process_index,
+                "coords": {"replicate": comm.replicate.rank if hasattr(comm, "replicate") else 0, "shard": comm.rank},
+                "counted": counted}
+        ranks = [None] * dist.get_world_size() if dist.is_initialized() else [mine]
+        if dist.is_initialized():
+            dist.all_gather_object(ranks, mine)
+        mismatches = []
+        for r in ranks:
+            for dim, ops in model.items():
+                for op, want in ops.items():
+                    got = r["counted"].get(dim, {}).get(op, {}).get("bytes", 0)
+                    if got != want:
+                        mismatches.append(f"rank {r['rank']} {dim}/{op}: counted {got:,}, model {want:,}")
+        self.record = {
+            "step": state.global_step, "mesh": {"replicate": replicate, "shard": shard},
+            "layout": "hierarchical" if hasattr(comm, "replicate") else "flat",
+            "micro_batches": micro, "reduced_backwards": reduced, "stage": opt.stage,
+            "step_in_backward": bool(opt.step_in_backward), "buckets": buckets, "model": model,
+            "ranks": ranks, "match": not mismatches, "mismatches": mismatches,
+        }
+        if args.process_index == 0:
+            print(self.summary(), flush=True)
+
+    def summary(self) -> str:
+        rec = self.record
+        r0 = rec["ranks"][0]["counted"]
+        where = {"shard": "intra-node" if rec["layout"] == "hierarchical" else "all ranks",
+                 "replicate": "inter-node", "world": "all ranks"}
+        layout = (f"hierarchical mesh {rec['mesh']['replicate']} x {rec['mesh']['shard']}"
+                  if rec["layout"] == "hierarchical" else f"flat sharding over {rec['mesh']['shard']} ranks")
+        lines = [f"\ncommunication of step {rec['step']} per rank ({layout}, {rec['reduced_backwards']} reducing "
+                 f"backward(s) of {rec['micro_batches']} micro-batch(es)), bytes counted by rank 0 / "
+                 "zeroadamw.estimate.comm_bytes:"]
+        for dim in ("shard", "replicate", "world"):
+            size = {"shard": rec["mesh"]["shard"], "replicate": rec["mesh"]["replicate"],
+                    "world": rec["mesh"]["shard"] * rec["mesh"]["replicate"]}[dim]
+            ops = sorted(set(r0.get(dim, {})) | set(rec["model"].get(dim, {})))
+            if not ops:
+                continue
+            parts = []
+            for op in ops:
+                got = r0.get(dim, {}).get(op, {})
+                want = rec["model"].get(dim, {}).get(op)
+                model = f"{want:,}" if want is not None else "(not modelled)"
+                parts.append(f"{op} {got.get('bytes', 0):,} / {model} in {got.get('calls', 0)} call(s)")
+            lines.append(f"  {dim:9s} ({size} ranks, {where[dim]}): " + "; ".join(parts))
+        n = len(rec["ranks"])
+        lines.append(f"  all {n} ranks: counted == model" if rec["match"] else
+                     "  MISMATCH: " + "; ".join(rec["mismatches"][:6]))
+        return "\n".join(lines)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        opt = self._opt()
+        if opt is None:
+            return
+        opt.wait_params()
+        digest = _sha256_params(self.trainer.accelerator.unwrap_model(self.trainer.model))
+        digests = [None] * dist.get_world_size() if dist.is_initialized() else [digest]
+        if dist.is_initialized():
+            dist.all_gather_object(digests, digest)
+        if args.process_index != 0:
+            return
+        rec = dict(self.record) if self.record is not None else {
+            "step": None, "note": f"step {self.target} was not trained in this run: nothing counted"}
+        rec["final_step"] = state.global_step
+        rec["params_sha256"] = digests
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, COMM_REPORT_FILE), "w") as f:
+            json.dump(rec, f, indent=1)
+
+
 def model_summary(model) -> dict:
     """What was trained: trainable params by name and dtype, and the 4-bit layers (bitsandbytes Linear4bit)."""
     trainable = {n: (list(p.shape), str(p.dtype).replace("torch.", "")) for n, p in model.named_parameters()
@@ -350,6 +554,10 @@ def memory_report(trainer, model) -> list[dict]:
         grads = opt.engine.peak_grad_bytes or sum(p.numel() * p.element_size() for p in trainable)
         if opt.stage == 1 and not opt.step_in_backward:
             grads = sum(p.numel() * p.element_size() for p in trainable)
+        elif not opt.step_in_backward and trainer.args.gradient_accumulation_steps > 1:
+            # stage 2 with accumulation: the micro-batches under no_sync() keep full gradients in param.grad (the
+            # hooks skip them, so the engine's counter does not see them) until the last one reduces them
+            grads = max(grads, sum(p.numel() * p.element_size() for p in trainable))
     else:
         state = sum(t.numel() * t.element_size() for st in inner.state.values() for k, t in st.items()
                     if torch.is_tensor(t) and k != "step")
@@ -448,6 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
         targs.use_cpu = True
         targs.dataloader_pin_memory = False  # nothing to pin for on a CPU (torch warns on every loader otherwise)
     main_process = targs.process_index == 0
+    mesh = build_mesh(zargs, targs)  # before the model and the data: a wrong --mesh fails at once
 
     def say(msg: str) -> None:
         if main_process:
@@ -474,6 +683,8 @@ def main(argv: list[str] | None = None) -> dict:
     if zargs.optimizer == "zeroadamw":
         kw = dict(stage=zargs.stage, step_in_backward=zargs.step_in_backward, rule=zargs.rule, decay=zargs.decay,
                   bucket_size=zargs.bucket_size)
+        if mesh is not None:
+            kw["device_mesh"] = mesh
         precision, notes = zeroadamw_precision(zargs, model)
         kw.update(precision)
         for note in notes:
@@ -486,8 +697,15 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         if zargs.state_dtype is not None or zargs.kahan_sum or zargs.master_dtype != "auto":
             raise SystemExit("--state_dtype / --kahan_sum / --master_dtype are options of --optimizer zeroadamw")
+        if zargs.comm_report:
+            raise SystemExit("--comm_report counts ShardedAdamW's collectives: an option of --optimizer zeroadamw")
         targs.optim = zargs.optimizer
         trainer = keeping_trainable_dtypes(Trainer, model)(**common)
+    comm_cb = None
+    if zargs.optimizer == "zeroadamw" and (mesh is not None or zargs.comm_report) \
+            and not getattr(trainer, "is_deepspeed_enabled", False):
+        comm_cb = CommReport(trainer, step=zargs.comm_report_step)
+        trainer.callback_handler.callbacks.insert(0, comm_cb)  # first: its on_step_end reads before others talk
     diag_cb = None
     if zargs.diagnostics:
         from zeroadamw.diagnostics import attach
@@ -500,6 +718,8 @@ def main(argv: list[str] | None = None) -> dict:
                 + (f", {zargs.state_dtype} moments" if zargs.state_dtype else "")
                 + (", Kahan summation" if zargs.kahan_sum else "")
                 if zargs.optimizer == "zeroadamw" else zargs.optimizer)
+    if mesh is not None:
+        opt_name += f" over a {mesh.size(0)} x {mesh.size(1)} (replicate x shard) mesh"
     say(f"training on {targs.world_size} process(es) ({targs.device.type}"
         + (", gloo" if targs.world_size > 1 and targs.device.type == "cpu" else "") + f"), {opt_name}, "
         + (f"{targs.max_steps} steps" if targs.max_steps > 0 else f"{targs.num_train_epochs:g} epochs")
@@ -538,6 +758,8 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(out, "memory.json"), "w") as f:
             json.dump(rows, f, indent=1)
         wrote.append(("memory.json", "the per-rank memory table above"))
+        if comm_cb is not None and os.path.isfile(os.path.join(out, COMM_REPORT_FILE)):
+            wrote.append((COMM_REPORT_FILE, "one step's collectives per rank and mesh dimension vs the model"))
         with open(os.path.join(out, "model.json"), "w") as f:
             json.dump(dict(summary, qlora=zargs.qlora, lora=zargs.lora or zargs.qlora), f, indent=1)
         wrote.append(("model.json", "trainable params (name: shape, dtype) and the 4-bit layers"))

@@ -148,7 +148,31 @@ def fsdp_refusals(rank, world_size):
         next(p for p in model.parameters() if _local(p.grad).numel()).grad._local_tensor[0] = float("nan")
     opt.step()
     unchanged = all(torch.equal(a, _local(p).detach()) for a, p in zip(before, model.parameters()))
-    return {"msgs": msgs, "skipped": opt.last_step_skipped, "unchanged": unchanged, "skips": opt.skipped_steps}
+    return {"msgs": msgs, "skipped": opt.last_step_skipped, "unchanged": unchanged, "skips": opt.skipped_steps,
+            "dcp": _dcp_roundtrip(rank)}
+
+
+def _dcp_roundtrip(rank) -> bool:
+    """torch's own FSDP2 checkpoint helpers (get/set_optimizer_state_dict) on ShardedAdamW: state saved after 2
+    steps, set into a fresh optimizer, one more step each: bit for bit the same weights."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = fsdp_model((dist.get_world_size(),))
+    opt = ShardedAdamW(param_groups(model), lr=1e-2)
+    for step in range(2):
+        llama_loss(model, llama_batch(step, rank)).backward()
+        opt.step()
+        opt.zero_grad()
+    osd = get_optimizer_state_dict(model, opt)
+    model2 = fsdp_model((dist.get_world_size(),), seed=3)
+    model2.load_state_dict(model.state_dict())
+    opt2 = ShardedAdamW(param_groups(model2), lr=1e-2)
+    set_optimizer_state_dict(model2, opt2, osd)
+    for m, o in ((model, opt), (model2, opt2)):
+        llama_loss(m, llama_batch(5, rank)).backward()
+        o.step()
+        o.zero_grad()
+    return all(torch.equal(_local(p), _local(q)) for p, q in zip(model.parameters(), model2.parameters()))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -214,3 +238,31 @@ def fsdp_ckpt_load(rank, world, root, kind, name, k, j):
     loaded = _snapshot(model, opt)
     _train(model, opt, range(k, k + j), rank, world)
     return {"loaded": loaded, "final": _snapshot(model, opt)}
+
+
+def fsdp_diagnostics(rank, world_size, mesh_shape, name):
+    """zeroadamw.diagnostics on an FSDP2 model (ours and torch's optimizer) vs the same numbers computed from the
+    full tensors: param / grad / update norms per group, equal on every rank."""
+    from zeroadamw.diagnostics import Diagnostics
+
+    model = fsdp_model(mesh_shape)
+    opt = OPTIMIZERS[name](param_groups(model), lr=1e-2) if name != "torch" else torch.optim.AdamW(
+        param_groups(model), lr=1e-2)
+    diag = Diagnostics(opt)
+    llama_loss(model, llama_batch(0, rank)).backward()
+    opt.step()
+    opt.zero_grad()
+    diag.snapshot()
+    before = [[p.full_tensor().clone() for p in g["params"] if p.requires_grad] for g in opt.param_groups]
+    llama_loss(model, llama_batch(1, rank)).backward()
+    grads = [[p.grad.full_tensor() for p in g["params"] if p.grad is not None] for g in opt.param_groups]
+    opt.step()
+    rec = diag.collect()
+    want = {}
+    for gi, g in enumerate(opt.param_groups):
+        now = [p.full_tensor() for p in g["params"] if p.requires_grad]  # (the frozen final norm: not counted)
+        norm = lambda ts: float(torch.sqrt(sum(t.double().square().sum() for t in ts)))  # noqa: E731
+        want[f"diag/group{gi}/param_norm"] = norm(now)
+        want[f"diag/group{gi}/grad_norm"] = norm(grads[gi])
+        want[f"diag/group{gi}/update_norm"] = norm([a - b for a, b in zip(now, before[gi])])
+    return max(abs(rec[k] - v) / v for k, v in want.items())

@@ -118,10 +118,10 @@ def test_use_sharded_adamw_one_process(run_example):
     assert "done: 1 process(es)" in out
 
 
-def _torchrun(tmp_path, name: str, *args: str, timeout: float = 300) -> str:
+def _torchrun(tmp_path, name: str, *args: str, timeout: float = 300, nproc: int = 2) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            str(EXAMPLES / name), *args]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -143,6 +143,21 @@ def test_use_sharded_adamw_two_processes(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
     psi = sum(p.numel() for p in model.parameters())
     assert abs(state - 8 * psi / 2) <= 8 * 2 * 2, (state, psi)
+
+
+@pytest.mark.dist
+def test_multinode_mesh(tmp_path):
+    """4 processes as 2 "nodes" of 2: state = AdamW's / 2, counted bytes = the model's, ranks identical."""
+    out = _torchrun(tmp_path, "multinode_mesh.py", "2", nproc=4)
+    m = re.search(r"state on this rank (\d+) bytes, AdamW's (\d+) / 2", out)
+    assert m and int(m[1]) == int(m[2]) // 2, out
+    assert out.count("equal: True") == 2 and "every rank holds the same weights: True" in out, out
+
+
+@pytest.mark.dist
+def test_fsdp2(tmp_path):
+    out = _torchrun(tmp_path, "fsdp2.py")
+    assert "state held as ['DTensor']; equal to torch.optim.AdamW: True" in out, out
 
 
 def test_hf_trainer(run_example, tmp_path):

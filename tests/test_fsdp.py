@@ -59,6 +59,7 @@ def test_refusals_and_nonfinite_skip_on_fsdp2():
         assert "GradScaler" in scaler and "bf16" in scaler
         # a NaN in one rank's local shard: every rank skips, nothing changes
         assert r["skipped"] and r["unchanged"] and r["skips"] == 1, r
+        assert r["dcp"], "torch's get/set_optimizer_state_dict round trip"
 
 
 def _cmp(a, b):
@@ -88,3 +89,11 @@ def test_checkpoint_from_fsdp2_reshards_anywhere():
             r = run(W.fsdp_ckpt_load, n, root, kind, name, K, J, timeout=300)[0]
             assert _cmp(r["loaded"], saved["at_save"]) == 0.0, (kind, name)
             assert _cmp(r["final"], saved["final"]) <= 1e-5, (kind, name)
+
+
+@pytest.mark.parametrize("name", ["ShardedAdamW", "AdamW", "torch"])
+def test_diagnostics_on_fsdp2(name):
+    """param / grad / update norms per group over FSDP2's shards (2 x 2 HSDP: replicas counted once) equal the
+    norms of the full tensors, on every rank -- for ours and for torch's AdamW."""
+    errs = run(W.fsdp_diagnostics, 4, (2, 2), name, timeout=300)
+    assert max(errs) <= 1e-6, errs

@@ -173,6 +173,13 @@ class ConsolidationMixin:
             raise ValueError("expected a torch.optim state dict with 'state' and 'param_groups' keys")
         self._relocate_if_needed()
         new_groups = self._loaded_groups(state_dict["param_groups"])
+        if not state_dict["state"] and not self._state_ready:
+            # nothing was stepped when saved: hyperparameters only, the state stays unmade (as torch's does) --
+            # Accelerate's prepare() round-trips a fresh optimizer's state dict before swapping in FSDP2's
+            # shards, and state made here would be keyed by the params it replaces
+            for g, ng in zip(self.param_groups, new_groups):
+                g.update({k: v for k, v in ng.items() if k != "params"})
+            return
         self._init_state()  # allocating state changes nothing observable; validation below reads its shapes
         saved_ids = [i for sg in state_dict["param_groups"] for i in sg["params"]]
         entries = self._loaded_entries(state_dict["state"], dict(zip(saved_ids, self._index())))

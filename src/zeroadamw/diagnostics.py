@@ -52,9 +52,11 @@ import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from . import functional as F
+from .plain import is_dtensor, local
 
 __all__ = ["Diagnostics", "DiagnosticsLogger", "DiagnosticsCallback", "attach", "DIAGNOSTICS_FILE"]
 
@@ -94,7 +96,7 @@ class Diagnostics:
         self.track_update = bool(track_update)
         self.prefix = prefix
         self._ours = hasattr(self.opt, "engine") and hasattr(self.opt, "group_grad_norms")
-        if self._ours and getattr(self.opt, "_plain", False):
+        if self._ours and getattr(self.opt, "_plain", False) and not self._fsdp:
             raise ValueError(self._deepspeed_msg())
         self._snap: list[tuple[int, Tensor, Tensor]] | None = None  # (group, live view, copy)
         self._hparams = None
@@ -117,23 +119,33 @@ class Diagnostics:
                 "over them need DeepSpeed's groups); use engine.get_global_grad_norm() there")
 
     # ------------------------------------------------------------------------------------------- the params
-    def _owned(self) -> list[tuple[int, Tensor]]:
-        """(group index, flat view) of the params this rank accounts for: its owned ranges (ours), else all."""
-        if self._ours:
+    @property
+    def _fsdp(self) -> bool:
+        """FSDP2 params (DTensors): each rank sums its local shards, weighted by 1 / their replicas (HSDP)."""
+        return any(is_dtensor(p) for g in self.opt.param_groups for p in g["params"])
+
+    def _owned(self) -> list[tuple[int, Tensor, float]]:
+        """(group index, flat view, weight) of the params this rank accounts for: its owned ranges (ours), FSDP2's
+        local shards (weight 1 / replicas), else all."""
+        if self._ours and not self._fsdp:
             if getattr(self.opt, "_plain", False):
                 raise ValueError(self._deepspeed_msg())
             out = []
             for bucket in self.opt.engine.buckets:
-                for i, s in enumerate(bucket.layout.slots):
-                    if s.owned:
-                        out.append((bucket.group_index, bucket.owned_param_view(i)))
+                if bucket.comm.counts_norm:  # a mesh: one row's shards make the whole
+                    for i, s in enumerate(bucket.layout.slots):
+                        if s.owned:
+                            out.append((bucket.group_index, bucket.owned_param_view(i), 1.0))
             return out
-        return [(gi, p.detach().reshape(-1)) for gi, g in enumerate(self.opt.param_groups)
+        return [(gi, local(p).detach().reshape(-1), _weight(p)) for gi, g in enumerate(self.opt.param_groups)
                 for p in g["params"] if p.requires_grad]
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         comm = getattr(self.opt, "comm", None)
-        if self._ours and comm is not None and comm.world_size > 1:
+        if self._fsdp:  # FSDP2: the weighted local sums over every rank
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(t)
+        elif self._ours and comm is not None and comm.world_size > 1:
             t = t.to(self.opt.control.device)
             comm.all_reduce(t, label="diagnostics")
         return t.cpu()  # one host read per collect()
@@ -141,7 +153,7 @@ class Diagnostics:
     def snapshot(self) -> None:
         """Remember the current (owned) params; the next :meth:`collect` measures the update from here."""
         if self.track_update:
-            self._snap = [(gi, v, v.clone()) for gi, v in self._owned()]
+            self._snap = [(gi, v, v.clone(), w) for gi, v, w in self._owned()]
 
     # ------------------------------------------------------------------------------------------- collect
     def collect(self) -> dict[str, float]:
@@ -150,28 +162,39 @@ class Diagnostics:
         Takes a fresh snapshot afterwards (for the next call), unless ``track_update=False``."""
         opt = self.opt
         n = len(opt.param_groups)
-        parts: list[list[Tensor]] = [[] for _ in range(3 * n)]  # Σθ², Σ(θ - θ_s)², Σθ_s² per group
-        for gi, v in self._owned():
+        parts: list[list[Tensor]] = [[] for _ in range(4 * n)]  # Σθ², Σ(θ - θ_s)², Σθ_s², FSDP2's Σg² per group
+        owned = self._owned()
+        for gi, v, w in owned:
             if v.numel():
-                parts[gi].append(v.double().square().sum())
+                parts[gi].append(v.double().square().sum() * w)
         have_update = self.track_update and self._snap is not None
         if have_update:
-            for gi, live, old in self._snap:
+            for gi, live, old, w in self._snap:
                 if live.numel():
-                    parts[n + gi].append((live.double() - old.double()).square().sum())
-                    parts[2 * n + gi].append(old.double().square().sum())
-        dev = next((v.device for _, v in self._owned()), torch.device("cpu"))
+                    parts[n + gi].append((live.double() - old.double()).square().sum() * w)
+                    parts[2 * n + gi].append(old.double().square().sum() * w)
+        fsdp_grads = self._fsdp and not self._ours  # (ShardedAdamW on FSDP2 keeps its own group norms)
+        if fsdp_grads:
+            for gi, g in enumerate(self.opt.param_groups):
+                parts[3 * n + gi] += [local(p.grad).double().square().sum() * _weight(p) for p in g["params"]
+                                      if p.grad is not None]
+        dev = next((v.device for _, v, _ in owned), torch.device("cpu"))
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         sums = self._all_reduce(torch.stack([torch.stack(p).sum().to(dev) if p else zero for p in parts]))
-        param_sq, upd_sq, prev_sq = sums[:n], sums[n : 2 * n], sums[2 * n :]
+        param_sq, upd_sq, prev_sq = sums[:n], sums[n : 2 * n], sums[2 * n : 3 * n]
 
         out: dict[str, float] = {}
-        if self._ours:
+        if fsdp_grads:
+            has = [any(p.grad is not None for p in g["params"]) for g in self.opt.param_groups]
+            groups = [math.sqrt(x) if h else float("nan") for x, h in zip(sums[3 * n :].tolist(), has)]
+            total = math.sqrt(sum(x * x for x in groups))
+            skipped, coef = False, 1.0
+        elif self._ours:
             total = opt.grad_norm if opt.grad_norm is not None else float("nan")
             groups = list(opt.group_grad_norms) or [float("nan")] * n
             skipped = bool(opt.last_step_skipped)
             coef = F.clip_coefficient(float(total), opt.max_grad_norm)
-        else:
+        else:  # replicated params (one process, DDP): each rank's gradients are the whole
             groups = []
             for g in opt.param_groups:  # after zero_grad(set_to_none=True) there is nothing to read: NaN, not 0
                 gs = [p.grad for p in g["params"] if p.grad is not None and not p.grad.is_sparse]
@@ -205,6 +228,20 @@ class Diagnostics:
         self._snap = None
         self.snapshot()
         return {self.prefix + k: v for k, v in out.items()}
+
+
+def _weight(p: Tensor) -> float:
+    """1 / the number of ranks holding the same local shard of ``p`` (FSDP2's HSDP replicates over a mesh
+    dimension): the weighted local sums, summed over every rank, count each element once. 1 for a plain tensor."""
+    if not is_dtensor(p):
+        return 1.0
+    from torch.distributed.tensor import Replicate
+
+    replicas = 1
+    for size, placement in zip(p.device_mesh.shape, p.placements):
+        if isinstance(placement, Replicate):
+            replicas *= size
+    return 1.0 / replicas
 
 
 class DiagnosticsLogger:
