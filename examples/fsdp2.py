@@ -52,4 +52,5 @@ same = all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(model.paramet
 kinds = {type(v).__name__ for st in opt.state.values() for k, v in st.items() if k != "step"}
 if rank == 0:
     print(f"grad_norm {opt.grad_norm:.4f}; state held as {sorted(kinds)}; equal to torch.optim.AdamW: {same}")
+dist.barrier()  # every rank done with the mesh's groups before they go
 dist.destroy_process_group()

@@ -53,4 +53,5 @@ first = params.clone()
 dist.broadcast(first, 0)
 if rank == 0:
     print(f"every rank holds the same weights: {bool(torch.equal(params, first))}")
+dist.barrier()  # every rank done with the mesh's groups before they go
 dist.destroy_process_group()
